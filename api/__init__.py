@@ -1,0 +1,1 @@
+"""/api/v1: the online-only REST API (accounts, payments, reports)."""

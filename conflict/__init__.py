@@ -1,0 +1,1 @@
+"""Conflict detection, merge policies and the flagged-conflict workflow (pure Python)."""

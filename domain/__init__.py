@@ -1,0 +1,1 @@
+"""Galley's business objects and rules: pure Python, standard library only."""

@@ -1,0 +1,1 @@
+"""Background jobs (huey): task functions, the queue built from settings, and the consumer."""

@@ -1,0 +1,1 @@
+"""Alembic migrations: the only way Galley's databases get their schema."""

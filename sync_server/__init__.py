@@ -1,0 +1,1 @@
+"""Galley's server: ASGI app, settings, persistence, the sync engine and the CLI."""

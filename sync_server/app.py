@@ -1,0 +1,59 @@
+"""The ASGI application factory.
+
+``create_app()`` builds nothing at import time: the engine, Redis client and token service are
+created in the lifespan (or handed in by tests) and disposed of on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Mount, Route
+
+from . import errors, sync_http
+from .health import healthz, readyz
+from .resources import Resources, build_resources
+from .settings import Settings, load_settings
+
+log = logging.getLogger("galley.app")
+
+
+def _routes() -> list[BaseRoute]:
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Mount("/sync/v1", routes=sync_http.routes()),
+    ]
+
+
+def create_app(settings: Settings | None = None, resources: Resources | None = None) -> Starlette:
+    """Build the Galley ASGI app. ``resources`` (tests) are used as given and not closed."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        owned = resources is None
+        res = resources or build_resources(settings or load_settings())
+        app.state.resources = res
+        try:
+            yield
+        finally:
+            if owned:
+                res.close()
+
+    app = Starlette(
+        routes=_routes(),
+        lifespan=lifespan,
+        exception_handlers={
+            errors.ApiError: errors.handle_api_error,
+            HTTPException: errors.handle_http_exception,
+            Exception: errors.handle_unexpected,
+        },
+    )
+    if resources is not None:
+        # Available before the lifespan runs, for test clients that skip it.
+        app.state.resources = resources
+    return app

@@ -1,0 +1,88 @@
+"""Authenticating requests: a bearer access token, checked against the user's current state.
+
+The token's signature, issuer, audience and expiry are checked by :class:`TokenService`; the user
+row is then read so that a deactivated user, or a user whose ``token_epoch`` moved on (role change,
+password change, deactivation), is refused at once rather than when the token expires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+from starlette.requests import Request
+
+from domain.roles import Role, parse_role
+
+from .errors import ApiError
+from .resources import Resources
+from .tables import branches, user_branches, users
+from .tokens import AccessClaims, InvalidToken
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The authenticated user behind a request, as the database says now."""
+
+    user_id: str
+    role: Role
+    branch_ids: frozenset[str]
+    display_name: str
+    device_id: str | None
+    token_id: str
+
+
+def _unauthenticated(message: str) -> ApiError:
+    return ApiError(401, "unauthenticated", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthenticated("A bearer access token is required.")
+    return token.strip()
+
+
+def load_identity(conn: Connection, claims: AccessClaims) -> Identity:
+    """Resolve verified ``claims`` to the user's current identity, or raise a 401."""
+    row = conn.execute(
+        select(
+            users.c.id, users.c.role, users.c.display_name, users.c.is_active, users.c.token_epoch
+        ).where(users.c.id == claims.user_id)
+    ).first()
+    if row is None or not row.is_active:
+        raise _unauthenticated("This account is not active.")
+    if row.token_epoch != claims.epoch:
+        raise _unauthenticated("This token has been revoked; sign in again.")
+    role = parse_role(row.role)
+    if role is Role.ADMIN:
+        branch_ids = frozenset(conn.execute(select(branches.c.id)).scalars())
+    else:
+        branch_ids = frozenset(
+            conn.execute(
+                select(user_branches.c.branch_id).where(user_branches.c.user_id == row.id)
+            ).scalars()
+        )
+    return Identity(
+        user_id=row.id,
+        role=role,
+        branch_ids=branch_ids,
+        display_name=row.display_name,
+        device_id=claims.device_id,
+        token_id=claims.token_id,
+    )
+
+
+def authenticate(request: Request) -> Identity:
+    """The identity behind ``request``'s bearer token (blocking: call from a thread)."""
+    resources: Resources = request.app.state.resources
+    try:
+        claims = resources.tokens.verify(bearer_token(request))
+    except InvalidToken as exc:
+        raise _unauthenticated("The access token is invalid or expired.") from exc
+    with resources.engine.connect() as conn:
+        identity = load_identity(conn, claims)
+        conn.rollback()
+    return identity

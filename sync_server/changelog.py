@@ -1,0 +1,236 @@
+"""The replication log: scope version counters and the latest synced image of every row.
+
+Every write to a synced row goes through a :class:`ChangeLog` bound to the writing transaction:
+
+1. :meth:`ChangeLog.lock_scopes` locks the counter row of every scope the transaction will write,
+   always in sorted order (two transactions that both write "org" and "branch:x" take the locks
+   in the same order, so they queue instead of deadlocking). The lock is held until commit.
+2. Each scope gets exactly one new version for the transaction: ``counter + 1``. Because the
+   counter stays locked until commit, the next writer of the scope cannot take ``counter + 2``
+   before this one is committed: **within a scope, version order is commit order**, so a reader
+   that has seen version N has seen everything at or below N, and a cursor never skips a write
+   that commits late (the failure of timestamp cursors).
+3. :meth:`ChangeLog.write` replaces the row's image (or writes its tombstone) at that version and
+   keeps the scope's live-row count and checksum current.
+4. :meth:`ChangeLog.finish` stores the new counters. The caller commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from sqlalchemy import and_, insert, or_, select, tuple_, update
+from sqlalchemy.engine import Connection
+
+from domain.ops import RowState
+from sync_protocol.checksums import MOD, row_checksum
+
+from .tables import sync_rows, sync_scopes
+
+Key = tuple[str, str]
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+@dataclass
+class ScopeHead:
+    scope: str
+    version: int
+    horizon: int
+    row_count: int
+    checksum: int
+    #: The version this transaction writes at (set when the first row is written).
+    writing: int | None = None
+
+
+class ScopeNotLocked(RuntimeError):
+    """A write to a scope the transaction did not lock: a programming error, or a row whose
+    scope was unknown before locking (the caller retries with the right scopes)."""
+
+
+class ChangeLog:
+    """Writes to synced rows inside one transaction (see the module docstring)."""
+
+    def __init__(self, conn: Connection, now: datetime) -> None:
+        self.conn = conn
+        self.now = now
+        self.heads: dict[str, ScopeHead] = {}
+        self._rows: dict[Key, RowState | None] = {}
+
+    # Step 1 --------------------------------------------------------------------------------
+    def lock_scopes(self, scopes: Iterable[str]) -> dict[str, ScopeHead]:
+        """Lock the counters of ``scopes`` (sorted order; created on first use)."""
+        for scope in sorted(set(scopes) - set(self.heads)):
+            if self.heads and scope < max(self.heads):
+                # Locking out of order could deadlock against a transaction doing it in order.
+                raise ScopeNotLocked(f"scope {scope} must be locked before {max(self.heads)}")
+            head = self._select_for_update(scope)
+            if head is None:
+                self._create_scope(scope)
+                head = self._select_for_update(scope)
+                assert head is not None
+            self.heads[scope] = head
+        return self.heads
+
+    def _select_for_update(self, scope: str) -> ScopeHead | None:
+        row = self.conn.execute(
+            select(
+                sync_scopes.c.version,
+                sync_scopes.c.horizon,
+                sync_scopes.c.row_count,
+                sync_scopes.c.checksum,
+            )
+            .where(sync_scopes.c.scope == scope)
+            .with_for_update()
+        ).first()
+        if row is None:
+            return None
+        return ScopeHead(scope, row.version, row.horizon, row.row_count, row.checksum)
+
+    def _create_scope(self, scope: str) -> None:
+        # INSERT IGNORE / OR IGNORE: two first writers may race to create the counter.
+        stmt = (
+            insert(sync_scopes)
+            .values(scope=scope, version=0, horizon=0, row_count=0, checksum=0)
+            .prefix_with("IGNORE", dialect="mysql")
+            .prefix_with("IGNORE", dialect="mariadb")
+            .prefix_with("OR IGNORE", dialect="sqlite")
+        )
+        self.conn.execute(stmt)
+
+    # Reading -------------------------------------------------------------------------------
+    def load_rows(self, keys: Iterable[Key]) -> dict[Key, RowState | None]:
+        """The current image of each row (None when it never existed)."""
+        wanted = [k for k in dict.fromkeys(keys) if k not in self._rows]
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            found: dict[Key, RowState] = {}
+            for r in self.conn.execute(
+                select(
+                    sync_rows.c.entity,
+                    sync_rows.c.row_id,
+                    sync_rows.c.scope,
+                    sync_rows.c.version,
+                    sync_rows.c.deleted,
+                    sync_rows.c.data,
+                    sync_rows.c.field_versions,
+                ).where(
+                    or_(*[and_(sync_rows.c.entity == e, sync_rows.c.row_id == i) for e, i in chunk])
+                    if len(chunk) < 2
+                    else tuple_(sync_rows.c.entity, sync_rows.c.row_id).in_(chunk)
+                )
+            ):
+                found[(r.entity, r.row_id)] = RowState(
+                    entity=r.entity,
+                    id=r.row_id,
+                    scope=r.scope,
+                    version=r.version,
+                    deleted=bool(r.deleted),
+                    data=_decode(r.data),
+                    field_versions=_decode(r.field_versions),
+                )
+            for key in chunk:
+                self._rows[key] = found.get(key)
+        return {k: self._rows[k] for k in dict.fromkeys(keys)}
+
+    def forget(self) -> None:
+        """Drop cached row images (after locking, re-read what was read before the lock)."""
+        self._rows.clear()
+
+    # Steps 2 and 3 -------------------------------------------------------------------------
+    def write(
+        self,
+        entity: str,
+        row_id: str,
+        scope: str,
+        data: Mapping[str, Any] | None,
+        changed: Iterable[str] | None = None,
+    ) -> int:
+        """Write the new image of a row (``data``) or its tombstone (None); returns its version.
+
+        ``changed`` names the fields this write changes (default: all of ``data``); their field
+        versions move to the new version, which field-level merges compare against.
+        """
+        head = self.heads.get(scope)
+        if head is None:
+            raise ScopeNotLocked(f"scope {scope} is not locked by this transaction")
+        if head.writing is None:
+            head.writing = head.version + 1
+        version = head.writing
+        key = (entity, row_id)
+        current = self._rows[key] if key in self._rows else self.load_rows([key])[key]
+        if current is not None and current.scope != scope:
+            raise ScopeNotLocked(f"{entity} {row_id} belongs to {current.scope}, not {scope}")
+
+        if current is not None and not current.deleted:
+            head.row_count -= 1
+            head.checksum = (head.checksum - row_checksum(entity, row_id, current.version)) % MOD
+        if data is not None:
+            head.row_count += 1
+            head.checksum = (head.checksum + row_checksum(entity, row_id, version)) % MOD
+
+        field_versions = dict(current.field_versions) if current is not None else {}
+        if data is None:
+            field_versions = {}
+        else:
+            for name in changed if changed is not None else data:
+                field_versions[name] = version
+        values = {
+            "scope": scope,
+            "version": version,
+            "deleted": data is None,
+            "data": _encode(dict(data) if data is not None else {}),
+            "field_versions": _encode(field_versions),
+            "changed_at": self.now,
+        }
+        if current is None:
+            self.conn.execute(insert(sync_rows).values(entity=entity, row_id=row_id, **values))
+        else:
+            self.conn.execute(
+                update(sync_rows)
+                .where(sync_rows.c.entity == entity, sync_rows.c.row_id == row_id)
+                .values(**values)
+            )
+        self._rows[key] = RowState(
+            entity, row_id, scope, version, data is None, dict(data or {}), field_versions
+        )
+        return version
+
+    # Step 4 --------------------------------------------------------------------------------
+    def finish(self) -> dict[str, int]:
+        """Store the advanced counters; returns scope -> version written (scopes written only)."""
+        written: dict[str, int] = {}
+        for head in self.heads.values():
+            if head.writing is None:
+                continue
+            self.conn.execute(
+                update(sync_scopes)
+                .where(sync_scopes.c.scope == head.scope)
+                .values(version=head.writing, row_count=head.row_count, checksum=head.checksum)
+            )
+            head.version = head.writing
+            head.writing = None
+            written[head.scope] = head.version
+        return written
+
+
+def publish(
+    conn: Connection,
+    now: datetime,
+    entity: str,
+    row_id: str,
+    scope: str,
+    data: Mapping[str, Any] | None,
+) -> int:
+    """Write one server-owned row (a branch, a staff member, a device) to the log in its own
+    scope lock; for code outside the push path (CLI, /api/v1). Returns the version."""
+    log = ChangeLog(conn, now)
+    log.lock_scopes([scope])
+    version = log.write(entity, row_id, scope, data)
+    log.finish()
+    return version

@@ -1,0 +1,154 @@
+"""Engines and transactions.
+
+Two databases are supported and they behave differently under concurrency, so the differences are
+handled here once:
+
+* **MySQL 8 / MariaDB** (production). InnoDB, utf8mb4, ``READ COMMITTED`` for writers: the sync
+  engine serialises what must be serialised with explicit locking reads (``SELECT … FOR UPDATE`` on
+  the per-scope version counter and the device row), and READ COMMITTED keeps InnoDB from taking gap
+  locks that would otherwise turn unrelated inserts into deadlocks. Deadlocks (1213) and lock-wait
+  timeouts (1205) can still happen; InnoDB has rolled the transaction back by then, so the whole
+  unit of work is simply run again (bounded, with jittered backoff).
+* **SQLite** (the embedded default). One writer at a time. Writers start with ``BEGIN IMMEDIATE``
+  so that the write lock is taken up front: a deferred transaction that reads and later tries to
+  write can fail with SQLITE_BUSY without waiting, which the busy timeout cannot fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import NullPool
+
+log = logging.getLogger("galley.db")
+
+T = TypeVar("T")
+
+#: MySQL error codes after which the transaction has been rolled back and may be retried whole.
+RETRYABLE_MYSQL_ERRORS = {1213, 1205}
+
+
+def create_db_engine(database_url: str, *, echo: bool = False, pool_size: int = 10) -> Engine:
+    """Build the engine for ``database_url`` with Galley's connection policy."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            echo=echo,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            # The driver's own transaction handling is switched off (isolation_level=None below)
+            # so that BEGIN can be issued by us, IMMEDIATE.
+            poolclass=NullPool if url.database in (None, "", ":memory:") else None,
+        )
+        _configure_sqlite(engine)
+        return engine
+    if url.get_backend_name() in ("mysql", "mariadb"):
+        query = dict(url.query)
+        query.setdefault("charset", "utf8mb4")
+        url = url.set(query=query)
+        return create_engine(
+            url,
+            echo=echo,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            pool_recycle=3600,
+            isolation_level="READ COMMITTED",
+        )
+    raise ValueError(f"unsupported database: {url.get_backend_name()}")
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def _mysql_error_code(exc: BaseException) -> int | None:
+    orig = getattr(exc, "orig", None)
+    args = getattr(orig, "args", None)
+    if args and isinstance(args[0], int):
+        return args[0]
+    return None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True when the failed transaction was rolled back by the database and may be run again."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    code = _mysql_error_code(exc)
+    if code in RETRYABLE_MYSQL_ERRORS:
+        return True
+    # SQLite: another writer held the lock for longer than busy_timeout.
+    return isinstance(exc, OperationalError) and "database is locked" in str(exc.orig)
+
+
+@contextmanager
+def read_transaction(engine: Engine, *, snapshot: bool = True) -> Iterator[Connection]:
+    """A read-only transaction. With ``snapshot`` every statement sees the same committed state
+    (REPEATABLE READ on InnoDB; a deferred transaction on SQLite, whose reads are snapshots)."""
+    options: dict[str, Any] = {}
+    if snapshot and engine.dialect.name != "sqlite":
+        options["isolation_level"] = "REPEATABLE READ"
+    with engine.connect().execution_options(**options) as conn, conn.begin():
+        yield conn
+
+
+def run_in_transaction(
+    engine: Engine,
+    work: Callable[[Connection], T],
+    *,
+    attempts: int = 5,
+    base_delay: float = 0.02,
+) -> T:
+    """Run ``work`` in one write transaction, committing on success.
+
+    ``work`` must be safe to run again from the start: on a deadlock or lock-wait timeout the
+    database has already rolled everything back, so we retry the whole unit of work a bounded
+    number of times before giving up with the original error.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.connect() as conn:
+                conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+                with conn.begin():
+                    return work(conn)
+        except DBAPIError as exc:
+            if attempt == attempts or not is_retryable(exc):
+                raise
+            delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
+            log.info("retrying transaction after %s (attempt %d)", exc.orig, attempt)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def ping(engine: Engine) -> None:
+    """Raise when the database cannot answer a trivial query."""
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")

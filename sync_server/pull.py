@@ -1,0 +1,190 @@
+"""Pull: the rows a device has not seen, in version order, a bounded page at a time.
+
+The numbered steps are those of ``docs/protocol.md`` § Pull. A page is read in one snapshot
+(REPEATABLE READ on InnoDB, a read transaction on SQLite), so its rows, its cursors, the scope
+checksums and the device's write checkpoint all describe the same committed state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from domain.registry import ORG_SCOPE, Registry, filter_fields
+from domain.roles import Role
+from sync_protocol import messages as m
+from sync_protocol.checksums import MOD, row_checksum
+
+from .db import read_transaction
+from .tables import devices, sync_rows, sync_scopes
+
+_decode = msgspec.msgpack.Decoder().decode
+
+
+class ResetRequired(Exception):
+    """The device's cursor for these scopes is older than the compaction horizon (or ahead of
+    the server): its replica of them must be rebuilt from version 0."""
+
+    def __init__(self, scopes: list[str]) -> None:
+        super().__init__(", ".join(scopes))
+        self.scopes = scopes
+
+
+class RowOut(msgspec.Struct, array_like=False):
+    """Server-side twin of :class:`~sync_protocol.messages.RowChange` whose ``data`` may be
+    the stored MessagePack bytes passed through untouched (no decode, no re-encode)."""
+
+    entity: str
+    id: str
+    scope: str
+    version: int
+    deleted: bool
+    data: Any
+
+
+class PullOut(msgspec.Struct):
+    protocol: str
+    changes: list[RowOut]
+    cursors: dict[str, int]
+    has_more: bool
+    last_applied_seq: int
+    page_checksum: int
+    scopes: list[m.ScopeState] = []
+
+
+@dataclass(frozen=True)
+class PullScope:
+    scope: str
+    cursor: int
+
+
+def visible_scopes(role: Role, branch_ids: frozenset[str]) -> list[str]:
+    """The scopes a user's devices replicate: the organisation, then each branch."""
+    return [ORG_SCOPE, *sorted(f"branch:{b}" for b in branch_ids)]
+
+
+def pull(
+    engine: Engine,
+    *,
+    device_id: str,
+    role: Role,
+    scopes: Sequence[str],
+    cursors: dict[str, int],
+    limit: int,
+    registry: Registry,
+    raw_msgpack: bool = False,
+) -> PullOut:
+    """One page of changes after ``cursors`` for ``scopes`` (see docs/protocol.md § Pull).
+
+    With ``raw_msgpack`` the stored row images are passed through as MessagePack when the role
+    may see every field of the entity, which makes initial sync nearly a straight copy.
+    """
+    changes: list[RowOut] = []
+    out_cursors: dict[str, int] = {}
+    finished: list[m.ScopeState] = []
+    has_more = False
+    page_sum = 0
+    with read_transaction(engine) as conn:
+        # Step 1: the write checkpoint and the scope heads, from the same snapshot as the rows.
+        last_seq = conn.execute(
+            select(devices.c.last_applied_seq).where(devices.c.id == device_id)
+        ).scalar_one()
+        heads = {
+            r.scope: r
+            for r in conn.execute(select(sync_scopes).where(sync_scopes.c.scope.in_(list(scopes))))
+        }
+        # Step 2: a cursor below the compaction horizon (tombstones it needs are gone) or above
+        # the head (a replica of another database) cannot be continued.
+        stale = []
+        for scope in scopes:
+            cursor = cursors.get(scope, 0)
+            head = heads.get(scope)
+            version, horizon = (head.version, head.horizon) if head is not None else (0, 0)
+            if cursor > version or (0 < cursor < horizon):
+                stale.append(scope)
+        if stale:
+            raise ResetRequired(stale)
+
+        remaining = limit
+        for scope in scopes:
+            cursor = cursors.get(scope, 0)
+            head = heads.get(scope)
+            if head is None:
+                out_cursors[scope] = 0
+                finished.append(m.ScopeState(scope, 0, 0, 0))
+                continue
+            if has_more:
+                out_cursors[scope] = cursor
+                continue
+            # Step 3: the next rows in version order, one more than fits, to see the boundary.
+            rows = conn.execute(
+                select(
+                    sync_rows.c.entity,
+                    sync_rows.c.row_id,
+                    sync_rows.c.version,
+                    sync_rows.c.deleted,
+                    sync_rows.c.data,
+                )
+                .where(sync_rows.c.scope == scope, sync_rows.c.version > cursor)
+                .order_by(sync_rows.c.version)
+                .limit(remaining + 1)
+            ).all()
+            if len(rows) > remaining:
+                # Step 4: never split a version (one transaction's writes) across pages.
+                page = rows[:remaining]
+                boundary = rows[remaining].version
+                if page and page[-1].version == boundary:
+                    page = [r for r in page if r.version != boundary]
+                    if not page:
+                        page = conn.execute(
+                            select(
+                                sync_rows.c.entity,
+                                sync_rows.c.row_id,
+                                sync_rows.c.version,
+                                sync_rows.c.deleted,
+                                sync_rows.c.data,
+                            )
+                            .where(sync_rows.c.scope == scope, sync_rows.c.version == boundary)
+                            .order_by(sync_rows.c.entity, sync_rows.c.row_id)
+                        ).all()
+                rows = page
+                has_more = True
+                out_cursors[scope] = rows[-1].version if rows else cursor
+            else:
+                out_cursors[scope] = head.version
+                finished.append(m.ScopeState(scope, head.version, head.row_count, head.checksum))
+            remaining -= len(rows)
+            # Step 5: role filtering and checksums.
+            for r in rows:
+                page_sum = (page_sum + row_checksum(r.entity, r.row_id, r.version)) % MOD
+                data: Any = None
+                if not r.deleted:
+                    spec = registry.entity(r.entity)
+                    hidden = spec.hidden.get(role) if spec is not None else None
+                    if raw_msgpack and not hidden:
+                        data = msgspec.Raw(r.data)
+                    else:
+                        decoded = _decode(r.data)
+                        data = filter_fields(spec, role, decoded) if spec is not None else decoded
+                changes.append(RowOut(r.entity, r.row_id, scope, r.version, bool(r.deleted), data))
+            if remaining <= 0 and not has_more:
+                # The page is full exactly at the end of this scope; later scopes go next time.
+                has_more = scope != scopes[-1]
+                if has_more:
+                    remaining = 0
+    for scope in scopes:
+        out_cursors.setdefault(scope, cursors.get(scope, 0))
+    return PullOut(
+        protocol=m.PROTOCOL_VERSION,
+        changes=changes,
+        cursors=out_cursors,
+        has_more=has_more,
+        last_applied_seq=int(last_seq),
+        page_checksum=page_sum,
+        scopes=finished,
+    )

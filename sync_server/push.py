@@ -1,0 +1,300 @@
+"""Push: applying a device's change-sets exactly once, in order.
+
+The numbered steps are those of ``docs/protocol.md`` § Push. Each change-set runs in its own
+transaction, so a batch is a sequence of independent commits: a failure part-way leaves the
+earlier change-sets applied and acknowledged, and the device resends only the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any
+
+import msgspec
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from conflict.planner import Plan, plan_change_set, touched_keys
+from domain.ops import CreateOp, DeleteOp, IntentOp, Op, PatchOp, Principal, RowState
+from domain.registry import Registry
+from sync_protocol import messages as m
+
+from .changelog import ChangeLog, ScopeNotLocked
+from .db import run_in_transaction
+from .directory import utcnow
+from .records import save, unique_holders
+from .tables import conflicts, devices, sync_change_sets
+
+log = logging.getLogger("galley.push")
+
+_encode = msgspec.msgpack.Encoder().encode
+
+
+@dataclass(frozen=True)
+class SeqGap:
+    """The change-set is not the next one expected: nothing was applied."""
+
+    expected: int
+
+
+def to_domain_op(op: m.Op) -> Op:
+    if isinstance(op, m.Create):
+        return CreateOp(op.entity, op.id.lower(), op.fields)
+    if isinstance(op, m.Patch):
+        return PatchOp(op.entity, op.id.lower(), op.base_version, op.fields)
+    if isinstance(op, m.Delete):
+        return DeleteOp(op.entity, op.id.lower(), op.base_version)
+    return IntentOp(op.name, op.args)
+
+
+def _scopes_to_lock(
+    ops: Sequence[Op], principal: Principal, registry: Registry, known: dict[tuple[str, str], str]
+) -> set[str]:
+    """Every scope the ops may write: of the rows they name, and of the rows they create."""
+    scopes = set(known.values())
+    for op in ops:
+        if isinstance(op, CreateOp):
+            spec = registry.entity(op.entity)
+            if spec is None:
+                continue
+            data: dict[str, Any] = dict(op.fields)
+            if spec.scope_field and spec.scope_field not in data:
+                data[spec.scope_field] = principal.device_branch_id
+            scope = spec.scope_of(data)
+            if scope is not None and principal.may_access(scope):
+                scopes.add(scope)
+    return scopes
+
+
+def _unique_index(
+    conn: Connection,
+    ops: Sequence[Op],
+    rows: dict[tuple[str, str], RowState | None],
+    principal: Principal,
+    registry: Registry,
+) -> dict[Any, str]:
+    """Who holds, in the system of record, each unique value the ops want to write."""
+    index: dict[Any, str] = {}
+    for op in ops:
+        if not isinstance(op, CreateOp | PatchOp):
+            continue
+        spec = registry.entity(op.entity)
+        if spec is None or not spec.unique:
+            continue
+        current = rows.get((op.entity, op.id))
+        if current is not None:
+            scope: str | None = current.scope
+        else:
+            data: dict[str, Any] = dict(op.fields)
+            if spec.scope_field and spec.scope_field not in data:
+                data[spec.scope_field] = principal.device_branch_id
+            scope = spec.scope_of(data)
+        if scope is None:
+            continue
+        candidates = [
+            tuple(op.fields[n] for n in group)
+            for group in spec.unique
+            if all(n in op.fields for n in group)
+        ]
+        index.update(unique_holders(conn, spec, scope, candidates))
+    return index
+
+
+def _stored_outcome(conn: Connection, device_id: str, seq: int) -> m.Outcome:
+    blob = conn.execute(
+        select(sync_change_sets.c.outcome).where(
+            sync_change_sets.c.device_id == device_id, sync_change_sets.c.seq == seq
+        )
+    ).scalar_one()
+    outcome = msgspec.msgpack.decode(blob, type=m.Outcome)
+    outcome.replayed = True
+    return outcome
+
+
+def _outcome_for(
+    change_set: m.ChangeSet, plan: Plan, versions: dict[str, int], conflict_ids: list[str]
+) -> m.Outcome:
+    if plan.rejected:
+        return m.Outcome(
+            change_set_id=change_set.id,
+            seq=change_set.seq,
+            status="rejected",
+            errors=[m.OpError(e.op_index, e.code, e.message, e.field) for e in plan.errors],
+        )
+    return m.Outcome(
+        change_set_id=change_set.id,
+        seq=change_set.seq,
+        status="applied_with_conflicts" if conflict_ids else "applied",
+        versions=versions,
+        conflicts=conflict_ids,
+    )
+
+
+def apply_change_set(
+    conn: Connection,
+    *,
+    device_id: str,
+    principal: Principal,
+    change_set: m.ChangeSet,
+    registry: Registry,
+    now: datetime,
+) -> m.Outcome | SeqGap:
+    """Apply one change-set inside the caller's transaction (the caller commits)."""
+    # Step 1: lock the device row. Every push of this device queues here, so two racing copies
+    # of the same change-set cannot both see it as new.
+    last = conn.execute(
+        select(devices.c.last_applied_seq).where(devices.c.id == device_id).with_for_update()
+    ).scalar_one()
+
+    # Step 2: a seq at or below the last applied one is a replay: answer what we answered.
+    if change_set.seq <= last:
+        return _stored_outcome(conn, device_id, change_set.seq)
+    # Step 3: a gap means the device lost track; it must resume at last + 1.
+    if change_set.seq != last + 1:
+        return SeqGap(expected=last + 1)
+
+    # Step 4: find and lock the scopes the ops write, in sorted order, then read the rows.
+    ops = [to_domain_op(op) for op in change_set.ops]
+    keys = touched_keys(ops, registry)
+    changelog = ChangeLog(conn, now)
+    before = changelog.load_rows(keys)
+    known = {k: r.scope for k, r in before.items() if r is not None}
+    changelog.lock_scopes(_scopes_to_lock(ops, principal, registry, known))
+    changelog.forget()
+    rows = changelog.load_rows(keys)
+    for key, row in rows.items():
+        if row is not None and row.scope not in changelog.heads:
+            # Created concurrently between our unlocked read and the lock: start over.
+            raise ScopeNotLocked(f"{key} appeared in {row.scope}")
+
+    # Step 5: the functional core decides.
+    unique_index = _unique_index(conn, ops, rows, principal, registry)
+    plan = plan_change_set(ops, principal, rows, registry, unique_index)
+
+    # Step 6: write the plan: rows and their records at the scope's next version, conflicts.
+    conflict_ids: list[str] = []
+    versions: dict[str, int] = {}
+    if not plan.rejected:
+        for write in plan.writes.values():
+            version = changelog.write(
+                write.entity, write.id, write.scope, write.data, write.changed
+            )
+            save(
+                conn,
+                write.entity,
+                write.id,
+                write.data,
+                version=version,
+                created=write.created,
+                now=now,
+            )
+        for draft in plan.conflicts:
+            conflict_id = str(uuid.uuid4())
+            conflict_ids.append(conflict_id)
+            conn.execute(
+                insert(conflicts).values(
+                    id=conflict_id,
+                    scope=draft.scope,
+                    entity=draft.entity,
+                    row_id=draft.id,
+                    kind=draft.kind,
+                    device_id=device_id,
+                    user_id=principal.user_id,
+                    change_set_id=change_set.id,
+                    op_index=draft.op_index,
+                    base_version=draft.base_version,
+                    server_version=draft.server_version,
+                    proposed=json.dumps(draft.proposed, sort_keys=True),
+                    server_state=json.dumps(draft.server_state, sort_keys=True, default=str),
+                    status="open",
+                    created_at=now,
+                )
+            )
+        versions = changelog.finish()
+
+    # Step 7: record the outcome and advance the device, in the same transaction as the writes.
+    outcome = _outcome_for(change_set, plan, versions, conflict_ids)
+    conn.execute(
+        insert(sync_change_sets).values(
+            device_id=device_id,
+            seq=change_set.seq,
+            change_set_id=change_set.id.lower(),
+            user_id=principal.user_id,
+            status=outcome.status,
+            outcome=_encode(outcome),
+            ops=_encode(change_set.ops),
+            client_created_at=change_set.created_at,
+            received_at=now,
+        )
+    )
+    conn.execute(
+        update(devices)
+        .where(devices.c.id == device_id)
+        .values(last_applied_seq=change_set.seq, last_seen_at=now)
+    )
+    return outcome
+
+
+def _apply_now(conn: Connection, **kwargs: Any) -> m.Outcome | SeqGap:
+    # utcnow() inside the attempt: a retried transaction records its own time.
+    return apply_change_set(conn, now=utcnow(), **kwargs)
+
+
+@dataclass
+class PushResult:
+    outcomes: list[m.Outcome]
+    last_applied_seq: int
+    gap: SeqGap | None
+    #: scope -> newest version committed by this push (for change notifications).
+    versions: dict[str, int]
+
+
+def push(
+    engine: Engine,
+    *,
+    device_id: str,
+    principal: Principal,
+    change_sets: Sequence[m.ChangeSet],
+    registry: Registry,
+) -> PushResult:
+    """Apply ``change_sets`` in order, each in its own transaction; stop at a seq gap."""
+    outcomes: list[m.Outcome] = []
+    versions: dict[str, int] = {}
+    gap: SeqGap | None = None
+    for change_set in change_sets:
+        result: m.Outcome | SeqGap | None = None
+        for _attempt in range(3):
+            try:
+                result = run_in_transaction(
+                    engine,
+                    partial(
+                        _apply_now,
+                        device_id=device_id,
+                        principal=principal,
+                        change_set=change_set,
+                        registry=registry,
+                    ),
+                )
+                break
+            except ScopeNotLocked:
+                continue
+        if result is None:
+            raise RuntimeError("change-set could not be applied after retries")
+        if isinstance(result, SeqGap):
+            gap = result
+            break
+        outcomes.append(result)
+        for scope, version in result.versions.items():
+            versions[scope] = max(versions.get(scope, 0), version)
+    with engine.connect() as conn:
+        last = conn.execute(
+            select(devices.c.last_applied_seq).where(devices.c.id == device_id)
+        ).scalar_one()
+        conn.rollback()
+    return PushResult(outcomes, int(last), gap, versions)

@@ -1,0 +1,92 @@
+"""The system of record behind device-writable entities: their own relational tables.
+
+The replication log (:mod:`sync_server.changelog`) keeps what devices pull; these tables keep the
+same rows in columns for constraints, reports and /api/v1. Both are written in the same
+transaction by the push engine, so they never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, delete, insert, select, tuple_, update
+from sqlalchemy.engine import Connection
+
+from domain.registry import EntitySpec, scope_branch
+
+from .tables import inventory_items, menu_items
+
+
+@dataclass(frozen=True)
+class RecordTable:
+    table: Table
+    #: Column holding the branch of branch-scoped rows.
+    branch_column: str | None = None
+
+
+RECORD_TABLES: dict[str, RecordTable] = {
+    "inventory_items": RecordTable(inventory_items, branch_column="branch_id"),
+    "menu_items": RecordTable(menu_items),
+}
+
+
+def save(
+    conn: Connection,
+    entity: str,
+    row_id: str,
+    data: Mapping[str, Any] | None,
+    *,
+    version: int,
+    created: bool,
+    now: datetime,
+) -> None:
+    """Mirror one planned write into the entity's table (deleted rows leave the table: their
+    tombstone lives in the replication log)."""
+    record = RECORD_TABLES.get(entity)
+    if record is None:
+        return
+    table = record.table
+    if data is None:
+        conn.execute(delete(table).where(table.c.id == row_id))
+        return
+    columns = {k: v for k, v in data.items() if k in table.c}
+    if created:
+        conn.execute(
+            insert(table).values(
+                id=row_id, version=version, created_at=now, updated_at=now, **columns
+            )
+        )
+    else:
+        conn.execute(
+            update(table)
+            .where(table.c.id == row_id)
+            .values(version=version, updated_at=now, **columns)
+        )
+
+
+def unique_holders(
+    conn: Connection, spec: EntitySpec, scope: str, candidates: Iterable[tuple[Any, ...]]
+) -> dict[tuple[str, str, tuple[str, ...], tuple[Any, ...]], str]:
+    """For each unique group of ``spec``, which live row holds each candidate value."""
+    record = RECORD_TABLES.get(spec.name)
+    wanted = list(dict.fromkeys(candidates))
+    if record is None or not wanted:
+        return {}
+    table = record.table
+    found: dict[tuple[str, str, tuple[str, ...], tuple[Any, ...]], str] = {}
+    for group in spec.unique:
+        values = [c for c in wanted if len(c) == len(group)]
+        if not values:
+            continue
+        query = select(table.c.id, *[table.c[name] for name in group]).where(
+            tuple_(*[table.c[name] for name in group]).in_(values)
+        )
+        branch = scope_branch(scope)
+        if record.branch_column is not None and branch is not None:
+            query = query.where(table.c[record.branch_column] == branch)
+        for row in conn.execute(query):
+            found[(spec.name, scope, group, tuple(row[1:]))] = row[0]
+    return found

@@ -1,0 +1,149 @@
+"""The one place Galley reads its configuration.
+
+Everything configurable comes from the process environment, optionally completed by a ``.env`` file
+(the environment wins). No other module reads ``os.environ``: they receive a :class:`Settings`.
+Reading settings has no side effect beyond, in development only, creating ``var/`` and a persisted
+development secret so that tokens survive restarts and agree across worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+log = logging.getLogger("galley.settings")
+
+DEFAULT_DATABASE_URL = "sqlite:///./var/galley.db"
+ENVIRONMENTS = ("development", "test", "production")
+
+
+class SettingsError(RuntimeError):
+    """The configuration cannot be used (raised at start-up, never at request time)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str = "development"
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str | None = None
+    secret_key: str = ""
+    #: PEM of an Ed25519 private key for access tokens; derived from ``secret_key`` when empty.
+    jwt_private_key: str | None = None
+    jwt_issuer: str = "galley"
+    jwt_audience: str = "galley-staff-app"
+    access_token_ttl_seconds: int = 900
+    refresh_token_ttl_seconds: int = 30 * 24 * 3600
+    #: Fernet keys, newest first. The first encrypts; all decrypt (rotation).
+    encryption_keys: tuple[str, ...] = ()
+    stripe_secret_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_api_base: str | None = None
+    storage_dir: str = "./var/storage"
+    huey_sqlite_path: str = "./var/huey.db"
+    tombstone_retention_days: int = 30
+    max_request_bytes: int = 5 * 1024 * 1024
+    trust_proxy_headers: bool = False
+    log_level: str = "INFO"
+    insecure_dev_secret: bool = field(default=False, compare=False)
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def _bool(value: str | None, default: bool = False) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _int(source: Mapping[str, str | None], name: str, default: int) -> int:
+    raw = source.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _dev_secret(var_dir: Path) -> str:
+    """A development secret persisted under ``var/`` so every worker and restart agrees on it."""
+    path = var_dir / "dev-secret-key"
+    if path.exists():
+        return path.read_text().strip()
+    var_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(48)
+    path.write_text(value)
+    path.chmod(0o600)
+    return value
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"
+) -> Settings:
+    """Build :class:`Settings` from ``environ`` (default: the process environment) and ``.env``."""
+    file_values: dict[str, str | None] = {}
+    if env_file is not None and Path(env_file).is_file():
+        file_values = dict(dotenv_values(env_file))
+    source: dict[str, str | None] = {
+        **file_values,
+        **(environ if environ is not None else os.environ),
+    }
+
+    env = (source.get("GALLEY_ENV") or "development").strip().lower()
+    if env not in ENVIRONMENTS:
+        raise SettingsError(f"GALLEY_ENV must be one of {', '.join(ENVIRONMENTS)}, got {env!r}")
+
+    database_url = source.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    secret_key = source.get("GALLEY_SECRET_KEY") or ""
+    insecure = False
+    if not secret_key:
+        if env == "production":
+            raise SettingsError("GALLEY_SECRET_KEY must be set when GALLEY_ENV=production")
+        secret_key = _dev_secret(Path(source.get("GALLEY_VAR_DIR") or "./var"))
+        insecure = True
+        log.warning(
+            "GALLEY_SECRET_KEY is not set: using a generated DEVELOPMENT secret from var/. "
+            "Never run like this in production."
+        )
+    elif env == "production" and len(secret_key) < 32:
+        raise SettingsError("GALLEY_SECRET_KEY must be at least 32 characters in production")
+
+    keys_raw = source.get("GALLEY_ENCRYPTION_KEYS") or ""
+    encryption_keys = tuple(k.strip() for k in keys_raw.split(",") if k.strip())
+    if env == "production" and not encryption_keys:
+        raise SettingsError("GALLEY_ENCRYPTION_KEYS must be set when GALLEY_ENV=production")
+
+    return Settings(
+        env=env,
+        database_url=database_url,
+        redis_url=source.get("REDIS_URL") or None,
+        secret_key=secret_key,
+        jwt_private_key=source.get("GALLEY_JWT_PRIVATE_KEY") or None,
+        jwt_issuer=source.get("GALLEY_JWT_ISSUER") or "galley",
+        jwt_audience=source.get("GALLEY_JWT_AUDIENCE") or "galley-staff-app",
+        access_token_ttl_seconds=min(_int(source, "GALLEY_ACCESS_TOKEN_TTL", 900), 900),
+        refresh_token_ttl_seconds=_int(source, "GALLEY_REFRESH_TOKEN_TTL", 30 * 24 * 3600),
+        encryption_keys=encryption_keys,
+        stripe_secret_key=source.get("STRIPE_SECRET_KEY") or None,
+        stripe_webhook_secret=source.get("STRIPE_WEBHOOK_SECRET") or None,
+        stripe_api_base=source.get("STRIPE_API_BASE") or None,
+        storage_dir=source.get("GALLEY_STORAGE_DIR") or "./var/storage",
+        huey_sqlite_path=source.get("GALLEY_HUEY_SQLITE") or "./var/huey.db",
+        tombstone_retention_days=_int(source, "GALLEY_TOMBSTONE_RETENTION_DAYS", 30),
+        max_request_bytes=_int(source, "GALLEY_MAX_REQUEST_BYTES", 5 * 1024 * 1024),
+        trust_proxy_headers=_bool(source.get("GALLEY_TRUST_PROXY_HEADERS")),
+        log_level=(source.get("GALLEY_LOG_LEVEL") or "INFO").upper(),
+        insecure_dev_secret=insecure,
+    )

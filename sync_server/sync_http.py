@@ -1,0 +1,250 @@
+"""HTTP endpoints of the sync protocol: ``/sync/v1/devices``, ``/push`` and ``/pull``.
+
+Thin: decode and validate the message, authenticate, run the engine in the thread pool (it
+blocks on the database), encode the answer in the representation the client asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from domain.catalog import default_registry
+from domain.ops import Principal
+from sync_protocol import messages as m
+from sync_protocol.codec import JSON, MSGPACK
+
+from .authn import Identity, authenticate
+from .db import run_in_transaction
+from .directory import DeviceOwnedElsewhere, register_device
+from .errors import ApiError
+from .pull import ResetRequired, pull, visible_scopes
+from .push import push
+from .resources import Resources
+from .tables import devices
+
+T = TypeVar("T")
+REGISTRY = default_registry()
+
+
+def _media_types(request: Request) -> tuple[str, str]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in (MSGPACK, JSON):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "Send application/msgpack or application/json.",
+        )
+    accept = request.headers.get("accept", "")
+    if MSGPACK in accept and JSON not in accept:
+        response_type = MSGPACK
+    elif JSON in accept and MSGPACK not in accept:
+        response_type = JSON
+    else:
+        response_type = content_type
+    return content_type, response_type
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "payload_too_large", f"The request body exceeds {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "payload_too_large", f"The request body exceeds {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _validation_error(exc: msgspec.ValidationError) -> ApiError:
+    text = str(exc)
+    # msgspec says "... - at `$.change_sets[0].seq`": keep the path as the detail key.
+    path = "_"
+    if " - at `" in text:
+        text, _, where = text.rpartition(" - at `")
+        path = where.rstrip("`")
+    return ApiError(
+        422, "validation_error", "The message does not match the protocol.", {path: [text]}
+    )
+
+
+async def _decode(request: Request, type_: type[T]) -> tuple[T, str]:
+    content_type, response_type = _media_types(request)
+    resources: Resources = request.app.state.resources
+    body = await _read_body(request, resources.settings.max_request_bytes)
+    try:
+        if content_type == MSGPACK:
+            message = msgspec.msgpack.decode(body, type=type_)
+        else:
+            message = msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(exc) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(
+            400, "malformed_body", f"The body is not valid {content_type}: {exc}"
+        ) from None
+    _check_protocol(getattr(message, "protocol", ""))
+    return message, response_type
+
+
+def _check_protocol(version: str) -> None:
+    major = version.split(".", 1)[0]
+    if major != m.PROTOCOL_VERSION.split(".", 1)[0]:
+        raise ApiError(
+            426,
+            "upgrade_required",
+            f"Protocol {version!r} is not supported; this server speaks {m.PROTOCOL_VERSION}. "
+            "Update the app.",
+            {"protocol": [f"supported: {m.PROTOCOL_VERSION}"]},
+        )
+
+
+def _encode(message: Any, media_type: str, status: int = 200) -> Response:
+    body = (
+        msgspec.msgpack.encode(message) if media_type == MSGPACK else msgspec.json.encode(message)
+    )
+    return Response(body, status_code=status, media_type=media_type)
+
+
+def _device_principal(resources: Resources, identity: Identity, device_id: str) -> Principal:
+    with resources.engine.connect() as conn:
+        row = conn.execute(
+            select(devices.c.user_id, devices.c.branch_id, devices.c.revoked_at).where(
+                devices.c.id == device_id.lower()
+            )
+        ).first()
+        conn.rollback()
+    if row is None:
+        raise ApiError(404, "device_not_registered", "Register this device before syncing.")
+    if row.user_id != identity.user_id or row.revoked_at is not None:
+        raise ApiError(
+            403, "device_forbidden", "This device does not belong to the signed-in user."
+        )
+    branch = row.branch_id if row.branch_id in identity.branch_ids else None
+    if branch is None and len(identity.branch_ids) == 1:
+        branch = next(iter(identity.branch_ids))
+    return Principal(identity.user_id, identity.role, identity.branch_ids, branch)
+
+
+async def _run(fn: Callable[[], T]) -> T:
+    return await run_in_threadpool(fn)
+
+
+async def register(request: Request) -> Response:
+    """Register a device under the signed-in user (idempotent)."""
+    message, response_type = await _decode(request, m.RegisterDevice)
+    resources: Resources = request.app.state.resources
+    identity = await _run(lambda: authenticate(request))
+    device_id = message.device_id.lower()
+    home = (
+        sorted(identity.branch_ids)[0]
+        if len(identity.branch_ids) >= 1 and identity.role != "admin"
+        else None
+    )
+
+    def work() -> int:
+        return run_in_transaction(
+            resources.engine,
+            lambda conn: register_device(
+                conn,
+                device_id=device_id,
+                user_id=identity.user_id,
+                branch_id=home,
+                platform=message.platform,
+                app_version=message.app_version,
+            ),
+        )
+
+    try:
+        last = await _run(work)
+    except DeviceOwnedElsewhere:
+        raise ApiError(
+            409, "device_owned_by_other_user", "This device id belongs to another user."
+        ) from None
+    info = m.DeviceInfo(
+        protocol=m.PROTOCOL_VERSION,
+        device_id=device_id,
+        user_id=identity.user_id,
+        last_applied_seq=last,
+        scopes=visible_scopes(identity.role, identity.branch_ids),
+    )
+    return _encode(info, response_type)
+
+
+async def push_endpoint(request: Request) -> Response:
+    """Apply a batch of change-sets (docs/protocol.md § Push)."""
+    message, response_type = await _decode(request, m.PushRequest)
+    resources: Resources = request.app.state.resources
+    identity = await _run(lambda: authenticate(request))
+    principal = await _run(lambda: _device_principal(resources, identity, message.device_id))
+    result = await _run(
+        lambda: push(
+            resources.engine,
+            device_id=message.device_id.lower(),
+            principal=principal,
+            change_sets=message.change_sets,
+            registry=REGISTRY,
+        )
+    )
+    error = None
+    if result.gap is not None:
+        error = m.ErrorBody(
+            "seq_gap",
+            f"Change-set seq {result.gap.expected} is the next one expected; resend from there.",
+            {"expected_seq": [str(result.gap.expected)]},
+        )
+    if result.versions:
+        for scope, version in result.versions.items():
+            resources.pubsub.publish(f"galley:scope:{scope}", str(version).encode())
+    return _encode(
+        m.PushResponse(m.PROTOCOL_VERSION, result.outcomes, result.last_applied_seq, error),
+        response_type,
+    )
+
+
+async def pull_endpoint(request: Request) -> Response:
+    """One page of changes (docs/protocol.md § Pull)."""
+    message, response_type = await _decode(request, m.PullRequest)
+    resources: Resources = request.app.state.resources
+    identity = await _run(lambda: authenticate(request))
+    await _run(lambda: _device_principal(resources, identity, message.device_id))
+    scopes = visible_scopes(identity.role, identity.branch_ids)
+    try:
+        page = await _run(
+            lambda: pull(
+                resources.engine,
+                device_id=message.device_id.lower(),
+                role=identity.role,
+                scopes=scopes,
+                cursors=dict(message.cursors),
+                limit=message.limit,
+                registry=REGISTRY,
+                raw_msgpack=response_type == MSGPACK,
+            )
+        )
+    except ResetRequired as exc:
+        raise ApiError(
+            409,
+            "reset_required",
+            "The replica is too old to continue; discard it and pull from version 0.",
+            {"scopes": exc.scopes},
+        ) from None
+    return _encode(page, response_type)
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/devices", register, methods=["POST"]),
+        Route("/push", push_endpoint, methods=["POST"]),
+        Route("/pull", pull_endpoint, methods=["POST"]),
+    ]

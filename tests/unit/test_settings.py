@@ -1,0 +1,58 @@
+"""Settings come from the environment (and .env), with safe defaults and loud refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sync_server.settings import DEFAULT_DATABASE_URL, SettingsError, load_settings
+
+
+def test_defaults_give_an_embedded_sqlite_deployment(tmp_path: Path) -> None:
+    settings = load_settings({"GALLEY_VAR_DIR": str(tmp_path)}, env_file=None)
+    assert settings.database_url == DEFAULT_DATABASE_URL
+    assert settings.redis_url is None
+    assert settings.insecure_dev_secret
+    # The generated development secret is persisted so every worker process agrees on it.
+    again = load_settings({"GALLEY_VAR_DIR": str(tmp_path)}, env_file=None)
+    assert again.secret_key == settings.secret_key
+
+
+def test_production_refuses_to_start_without_a_secret() -> None:
+    with pytest.raises(SettingsError, match="GALLEY_SECRET_KEY"):
+        load_settings({"GALLEY_ENV": "production"}, env_file=None)
+
+
+def test_production_requires_encryption_keys() -> None:
+    with pytest.raises(SettingsError, match="GALLEY_ENCRYPTION_KEYS"):
+        load_settings({"GALLEY_ENV": "production", "GALLEY_SECRET_KEY": "x" * 40}, env_file=None)
+
+
+def test_environment_wins_over_the_env_file(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("DATABASE_URL=sqlite:///from-file.db\nREDIS_URL=redis://file:6379/0\n")
+    settings = load_settings(
+        {"DATABASE_URL": "sqlite:///from-env.db", "GALLEY_SECRET_KEY": "k" * 40}, env_file=env_file
+    )
+    assert settings.database_url == "sqlite:///from-env.db"
+    assert settings.redis_url == "redis://file:6379/0"
+
+
+def test_access_tokens_never_live_longer_than_fifteen_minutes() -> None:
+    settings = load_settings(
+        {"GALLEY_SECRET_KEY": "k" * 40, "GALLEY_ACCESS_TOKEN_TTL": "86400"}, env_file=None
+    )
+    assert settings.access_token_ttl_seconds == 900
+
+
+def test_a_malformed_number_is_a_clear_error() -> None:
+    with pytest.raises(SettingsError, match="GALLEY_MAX_REQUEST_BYTES"):
+        load_settings(
+            {"GALLEY_SECRET_KEY": "k" * 40, "GALLEY_MAX_REQUEST_BYTES": "lots"}, env_file=None
+        )
+
+
+def test_unknown_environment_is_refused() -> None:
+    with pytest.raises(SettingsError, match="GALLEY_ENV"):
+        load_settings({"GALLEY_ENV": "staging"}, env_file=None)
