@@ -7,8 +7,10 @@ handled here once:
   engine serialises what must be serialised with explicit locking reads (``SELECT … FOR UPDATE`` on
   the per-scope version counter and the device row), and READ COMMITTED keeps InnoDB from taking gap
   locks that would otherwise turn unrelated inserts into deadlocks. Deadlocks (1213) and lock-wait
-  timeouts (1205) can still happen; InnoDB has rolled the transaction back by then, so the whole
-  unit of work is simply run again (bounded, with jittered backoff).
+  timeouts (1205) can still happen. After a deadlock InnoDB has rolled the whole transaction back;
+  after a lock-wait timeout only the statement (``innodb_rollback_on_timeout`` is off by default),
+  so we roll the rest back ourselves. Either way the whole unit of work is then run again from the
+  start (bounded, with jittered backoff).
 * **SQLite** (the embedded default). One writer at a time. Writers start with ``BEGIN IMMEDIATE``
   so that the write lock is taken up front: a deferred transaction that reads and later tries to
   write can fail with SQLITE_BUSY without waiting, which the busy timeout cannot fix.
@@ -130,8 +132,9 @@ def run_in_transaction(
     """Run ``work`` in one write transaction, committing on success.
 
     ``work`` must be safe to run again from the start: on a deadlock or lock-wait timeout the
-    database has already rolled everything back, so we retry the whole unit of work a bounded
-    number of times before giving up with the original error.
+    transaction is rolled back (by InnoDB, or by leaving ``conn.begin()`` with the error) and the
+    whole unit of work is retried a bounded number of times before the original error is raised.
+    Nothing outside the database (a publish, an enqueue) belongs in ``work``: it could run twice.
     """
     for attempt in range(1, attempts + 1):
         try:
