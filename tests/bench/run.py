@@ -1,0 +1,212 @@
+"""``make bench``: initial sync, push and idle pull through the real HTTP app on MariaDB,
+each printed next to the floor raw pymysql reaches on the same database in the same run.
+
+    python -m tests.bench.run [--rows 100000] [--push-seconds 20] …
+
+Environment: ``BENCH_MYSQL_URL`` (default ``mysql+pymysql://root@127.0.0.1:3306/galley_bench``;
+the database is dropped and re-created), ``BENCH_REDIS_URL`` (default unset: in-process pub/sub).
+Targets (issue #3): initial sync >= 50 % of the select+encode floor; push change-sets/s >= 25 %
+of the raw locked-counter transactions/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+from domain.registry import branch_scope
+from sync_protocol import messages as m
+
+from .dataset import Member, build_world, create_floor_tables, seed_inventory, token_for
+from .floor import Throughput, idle_pull_floor, initial_sync_floor, locked_counter_floor
+from .workload import InitialSync, PushRun, ServerProcess, idle_pulls, initial_sync, push_run
+
+DEFAULT_URL = "mysql+pymysql://root@127.0.0.1:3306/galley_bench"
+INITIAL_SYNC_TARGET = 0.50
+PUSH_TARGET = 0.25
+#: Push layouts: name -> (branches, devices per branch); 16 devices in each.
+LAYOUTS = {"4x4": (4, 4), "1x16": (1, 16)}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="make bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000, help="initial-sync replica size")
+    parser.add_argument(
+        "--rows-per-version",
+        type=int,
+        default=100,
+        help="seeded rows per version (as if created by change-sets of this many creates)",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="initial syncs per page limit")
+    parser.add_argument("--idle-requests", type=int, default=1_000)
+    parser.add_argument("--push-seconds", type=float, default=20.0)
+    parser.add_argument("--floor-seconds", type=float, default=10.0)
+    parser.add_argument("--change-sets-per-request", type=int, default=1)
+    parser.add_argument("--ops-per-change-set", type=int, default=5)
+    parser.add_argument(
+        "--layouts", default=",".join(LAYOUTS), help=f"push layouts to run, of {list(LAYOUTS)}"
+    )
+    parser.add_argument(
+        "--profile", metavar="SVG", help="run the server under py-spy and write a flame graph"
+    )
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Line:
+    label: str
+    value: str
+    floor: str = ""
+    ratio: str = ""
+    target: str = ""
+
+
+def _verdict(ratio: float, target: float) -> str:
+    return f">= {target:.0%}: {'met' if ratio >= target else 'MISSED'}"
+
+
+def _print(lines: list[Line]) -> None:
+    widths = [max(len(getattr(line, f)) for line in lines) for f in ("label", "value", "floor")]
+    header = Line("measure", "Galley", "floor", "ratio", "target")
+    for line in [header, *lines]:
+        print(
+            f"{line.label:<{widths[0]}}  {line.value:>{widths[1]}}  {line.floor:>{widths[2]}}"
+            f"  {line.ratio:>6}  {line.target}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    database_url = os.environ.get("BENCH_MYSQL_URL", DEFAULT_URL)
+    redis_url = os.environ.get("BENCH_REDIS_URL") or None
+    layouts = {name: LAYOUTS[name] for name in args.layouts.split(",") if name}
+    began = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - began:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    say(f"creating and migrating {database_url.rsplit('/', 1)[-1]}")
+    world = build_world(database_url, redis_url, layouts)
+    say(f"seeding {args.rows:,} inventory rows")
+    seeded = seed_inventory(database_url, world.big_branch, args.rows, args.rows_per_version)
+    scope = branch_scope(world.big_branch)
+
+    say("floor: select + encode the replica")
+    sync_floor = initial_sync_floor(database_url, scope)
+    reader: Member = world.reader
+    reader_token = token_for(world.resources, reader)
+    lines: list[Line] = [
+        Line("raw insert of the replica (rows/s)", f"{seeded.rows / seeded.seconds:,.0f}"),
+    ]
+    syncs: dict[int, InitialSync] = {}
+    with ServerProcess(database_url, redis_url, args.profile) as server:
+        for limit in (m.MAX_PULL_LIMIT, m.DEFAULT_PULL_LIMIT):
+            for _ in range(args.repeats):
+                say(f"initial sync, limit {limit}")
+                run = initial_sync(server.base_url, reader_token, reader.device_ids[0], limit)
+                if run.rows < args.rows:
+                    raise AssertionError(f"initial sync returned {run.rows} rows")
+                if limit not in syncs or run.rate > syncs[limit].rate:
+                    syncs[limit] = run
+        cursors = syncs[m.MAX_PULL_LIMIT].cursors
+        say(f"{args.idle_requests} pulls with nothing new")
+        idle = idle_pulls(
+            server.base_url, reader_token, reader.device_ids[0], cursors, args.idle_requests
+        )
+        idle_floor = idle_pull_floor(
+            database_url,
+            user_id=reader.user_id,
+            device_id=reader.device_ids[0],
+            cursors=cursors,
+            requests=args.idle_requests,
+        )
+        pushes: dict[str, tuple[PushRun, Throughput]] = {}
+        for counters, (name, (branch_count, _per_branch)) in enumerate(layouts.items()):
+            say(f"floor: locked-counter transactions, 16 threads on {branch_count} counter(s)")
+            create_floor_tables(database_url, branch_count, suffix=str(counters))
+            floor = locked_counter_floor(
+                database_url, 16, branch_count, args.floor_seconds, suffix=str(counters)
+            )
+            devices = [
+                (device_id, token_for(world.resources, member), member.branch_id)
+                for member in world.pushers[name]
+                for device_id in member.device_ids
+            ]
+            say(f"push: {len(devices)} devices on {branch_count} branch(es), {name}")
+            pushes[name] = (
+                push_run(
+                    server.base_url,
+                    devices,
+                    change_sets_per_request=args.change_sets_per_request,
+                    ops_per_change_set=args.ops_per_change_set,
+                    seconds=args.push_seconds,
+                ),
+                floor,
+            )
+
+    for limit, run in syncs.items():
+        ratio = run.rate / sync_floor.rate
+        lines.append(
+            Line(
+                f"initial sync, limit {limit} (rows/s, {run.pages} pages)",
+                f"{run.rate:,.0f}",
+                f"{sync_floor.rate:,.0f}",
+                f"{ratio:.0%}",
+                _verdict(ratio, INITIAL_SYNC_TARGET),
+            )
+        )
+    for point, value in idle.items():
+        lines.append(
+            Line(
+                f"pull with nothing new, {point} (ms)",
+                f"{value:.2f}",
+                f"{idle_floor[point]:.2f}",
+                f"{idle_floor[point] / value:.0%}",
+            )
+        )
+    for name, (push, floor) in pushes.items():
+        branches, per_branch = layouts[name]
+        where = f"{branches} branch{'es' if branches > 1 else ''} x {per_branch} devices"
+        ratio = push.change_sets.rate / floor.rate
+        lines.append(
+            Line(
+                f"push change-sets/s ({where})",
+                f"{push.change_sets.rate:,.0f}",
+                f"{floor.rate:,.0f}",
+                f"{ratio:.0%}",
+                _verdict(ratio, PUSH_TARGET),
+            )
+        )
+        lines.append(Line(f"push ops/s ({where})", f"{push.ops.rate:,.0f}"))
+        lines.append(
+            Line(
+                f"push request p50/p95/p99 ms ({where})",
+                "/".join(f"{v:.0f}" for v in push.latency_ms.values()),
+            )
+        )
+        if set(push.statuses) != {"applied"}:
+            raise AssertionError(f"unexpected push outcomes: {dict(push.statuses)}")
+
+    print()
+    print(
+        f"Galley sync benchmark — {platform.node()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, {database_url.rsplit('@', 1)[-1]}"
+    )
+    print(
+        f"replica: {args.rows:,} inventory rows, {args.rows_per_version} per version; push: "
+        f"{args.change_sets_per_request} change-set(s) of {args.ops_per_change_set} ops per "
+        f"request, 1 create + renames; floors measured in this run (see tests/bench/floor.py)"
+    )
+    print(f"initial sync: {syncs[m.MAX_PULL_LIMIT].verified}")
+    print()
+    _print(lines)
+    say("done")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
