@@ -19,8 +19,9 @@ from typing import Any
 import msgspec
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 
-from conflict.planner import Plan, plan_change_set, touched_keys
+from conflict.planner import OpIssue, Plan, plan_change_set, touched_keys
 from domain.ops import CreateOp, DeleteOp, IntentOp, Op, PatchOp, Principal, RowState
 from domain.registry import Registry
 from sync_protocol import messages as m
@@ -34,6 +35,8 @@ from .tables import conflicts, devices, sync_change_sets
 log = logging.getLogger("galley.push")
 
 _encode = msgspec.msgpack.Encoder().encode
+#: Namespace of the record ids given to change-sets whose own id was already taken.
+_DERIVED_IDS = uuid.UUID("6b1f3c2e-9a4d-4f57-8e0b-2d7c5a9e1f30")
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,28 @@ def _stored_outcome(conn: Connection, device_id: str, seq: int) -> m.Outcome:
     return outcome
 
 
+def _id_taken(conn: Connection, change_set_id: str) -> bool:
+    return (
+        conn.execute(
+            select(sync_change_sets.c.seq).where(sync_change_sets.c.change_set_id == change_set_id)
+        ).first()
+        is not None
+    )
+
+
+def _duplicate_id_plan(change_set: m.ChangeSet) -> Plan:
+    return Plan(
+        errors=[
+            OpIssue(
+                -1,
+                "duplicate_change_set_id",
+                f"change-set id {change_set.id} was already used by an earlier change-set; "
+                "every change-set needs a new id",
+            )
+        ]
+    )
+
+
 def _outcome_for(
     change_set: m.ChangeSet, plan: Plan, versions: dict[str, int], conflict_ids: list[str]
 ) -> m.Outcome:
@@ -158,6 +183,22 @@ def apply_change_set(
     # Step 3: a gap means the device lost track; it must resume at last + 1.
     if change_set.seq != last + 1:
         return SeqGap(expected=last + 1)
+
+    change_set_id = change_set.id.lower()
+    if _id_taken(conn, change_set_id):
+        # A reused id (a client bug, or two devices sharing a generator) cannot be recorded
+        # under its own id: reject it, consuming the seq, under an id derived from the seq so
+        # the queue moves on (step 7). A concurrent reuse fails the insert instead, and the
+        # retry in push() lands here.
+        return _record(
+            conn,
+            device_id=device_id,
+            principal=principal,
+            change_set=change_set,
+            record_id=str(uuid.uuid5(_DERIVED_IDS, f"{device_id}:{change_set.seq}")),
+            outcome=_outcome_for(change_set, _duplicate_id_plan(change_set), {}, []),
+            now=now,
+        )
 
     # Step 4: find and lock the scopes the ops write, in sorted order, then read the rows.
     ops = [to_domain_op(op) for op in change_set.ops]
@@ -219,12 +260,33 @@ def apply_change_set(
         versions = changelog.finish()
 
     # Step 7: record the outcome and advance the device, in the same transaction as the writes.
-    outcome = _outcome_for(change_set, plan, versions, conflict_ids)
+    return _record(
+        conn,
+        device_id=device_id,
+        principal=principal,
+        change_set=change_set,
+        record_id=change_set_id,
+        outcome=_outcome_for(change_set, plan, versions, conflict_ids),
+        now=now,
+    )
+
+
+def _record(
+    conn: Connection,
+    *,
+    device_id: str,
+    principal: Principal,
+    change_set: m.ChangeSet,
+    record_id: str,
+    outcome: m.Outcome,
+    now: datetime,
+) -> m.Outcome:
+    """Step 7: store the outcome and advance the device's last applied seq."""
     conn.execute(
         insert(sync_change_sets).values(
             device_id=device_id,
             seq=change_set.seq,
-            change_set_id=change_set.id.lower(),
+            change_set_id=record_id,
             user_id=principal.user_id,
             status=outcome.status,
             outcome=_encode(outcome),
@@ -283,6 +345,10 @@ def push(
                 )
                 break
             except ScopeNotLocked:
+                continue
+            except IntegrityError:
+                # Step 7 lost a race on the change-set id with another device; the retry sees
+                # the committed twin and rejects this one as a duplicate.
                 continue
         if result is None:
             raise RuntimeError("change-set could not be applied after retries")
