@@ -7,17 +7,37 @@ refuse. The sync engine loads the state, calls this, and writes the plan in one 
 A change-set is all or nothing: any refused op refuses the whole change-set (its errors say
 which op and why). A conflict is not a refusal: the rest of the change-set applies and the
 conflicting part is kept, untouched, for a manager to resolve.
+
+Refusals (``OpIssue.code``): ``unknown_entity``, ``unknown_intent``, ``unknown_field``,
+``forbidden`` (the role may not create/delete this entity or run this intent),
+``field_forbidden`` (the role may not write this field), ``out_of_scope`` (another branch),
+``required``, ``wrong_type``, ``too_long``, ``too_short``, ``invalid``, ``invalid_choice``,
+``out_of_range``, ``read_only``, ``already_exists`` (ids are never reused, not even a deleted
+one's), ``not_found``, ``immutable_field`` (the scope field of an existing row),
+``invalid_base_version`` (newer than the row: the device cannot have seen it).
+
+Conflicts (``ConflictDraft.kind``):
+
+- ``concurrent_update``: under ``MergePolicy.FLAG``, a stale edit of a field someone else
+  changed since ``base_version``; that field keeps the server's value, the op's other fields apply.
+- ``update_deleted``: a patch or an intent naming a deleted row; the row stays deleted.
+- ``delete_modified``: under ``FLAG``, a delete of a row modified since ``base_version``; the row
+  stays.
+- ``unique_violation``: the op would give a row the unique values of another live row in the
+  scope. A create is withheld entirely (and the change-set's later ops on that row are folded
+  into the conflict instead of failing); a patch is withheld for the unique fields only.
+- ``blocked_by_conflict``: an intent naming a row whose create was withheld.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from domain.fields import FieldError, Value
 from domain.ops import CreateOp, DeleteOp, IntentOp, Op, PatchOp, Principal, RowState
-from domain.registry import EntitySpec, MergePolicy, Registry
+from domain.registry import EntitySpec, IntentSpec, MergePolicy, Registry, unique_form
 
 Key = tuple[str, str]  # (entity, id)
 #: (entity, scope, field names, values) -> id of the live row holding them.
@@ -26,6 +46,8 @@ UniqueIndex = Mapping[tuple[str, str, tuple[str, ...], tuple[Any, ...]], str]
 
 @dataclass(frozen=True)
 class OpIssue:
+    """Why the op at ``op_index`` refuses its change-set."""
+
     op_index: int
     code: str
     message: str
@@ -34,23 +56,29 @@ class OpIssue:
 
 @dataclass
 class RowWrite:
+    """The new image of one row (the last one, when several ops of the change-set wrote it)."""
+
     entity: str
     id: str
     scope: str
     #: None writes a tombstone.
     data: dict[str, Any] | None
+    #: The fields whose value changed: their field versions move to the write's version.
     changed: set[str] = field(default_factory=set)
     created: bool = False
 
 
 @dataclass(frozen=True)
 class ConflictDraft:
+    """A part of a change-set kept aside for a manager (see the module docstring for kinds)."""
+
     entity: str
     id: str
     scope: str
     kind: str
     op_index: int
     base_version: int | None
+    #: None when the row does not exist on the server (a withheld create).
     server_version: int | None
     proposed: dict[str, Any]
     server_state: dict[str, Any]
@@ -58,6 +86,9 @@ class ConflictDraft:
 
 @dataclass
 class Plan:
+    """What a change-set does. With ``errors`` it is rejected: no writes and no conflicts."""
+
+    #: One write per row, so the engine writes (and versions) each row exactly once.
     writes: dict[Key, RowWrite] = field(default_factory=dict)
     conflicts: list[ConflictDraft] = field(default_factory=list)
     errors: list[OpIssue] = field(default_factory=list)
@@ -67,11 +98,16 @@ class Plan:
         return bool(self.errors)
 
     def scopes(self) -> set[str]:
+        """Every scope the plan writes a row or a conflict in."""
         return {w.scope for w in self.writes.values()} | {c.scope for c in self.conflicts}
 
 
 def _issue(i: int, err: FieldError) -> OpIssue:
     return OpIssue(i, err.code, err.message, err.field)
+
+
+def _intent_proposal(name: str, args: Mapping[str, Value]) -> dict[str, Any]:
+    return {"intent": name, "args": dict(args)}
 
 
 class _Planner:
@@ -84,69 +120,98 @@ class _Planner:
     ) -> None:
         self.registry = registry
         self.principal = principal
+        # Updated as ops are planned, so each op sees the effect of the ones before it.
         self.rows: dict[Key, RowState | None] = dict(rows)
-        self.unique_index = dict(unique_index)
+        # Holders per value as the database compares them (see ``unique_form``); a set because
+        # a database with a stricter comparison (SQLite) may hold two spellings of one value.
+        self.holders: dict[tuple[str, str, tuple[str, ...], tuple[Any, ...]], set[str]] = {}
+        for (entity, scope, group, values), owner in unique_index.items():
+            folded = tuple(unique_form(v) for v in values)
+            self.holders.setdefault((entity, scope, group, folded), set()).add(owner)
         self.plan = Plan()
-        # Fields this change-set already wrote per row: never stale against ourselves.
+        # Fields this change-set already set per row (changed or not): the device's own latest
+        # word on them, so a later op of the same change-set is never stale against them.
         self.own_fields: dict[Key, set[str]] = {}
+        # Creates withheld as unique_violation conflicts: later ops on the row amend the draft.
+        self.withheld: dict[Key, ConflictDraft] = {}
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _refuse(self, i: int, code: str, message: str, name: str | None = None) -> None:
+        self.plan.errors.append(OpIssue(i, code, message, name))
 
     def _entity(self, i: int, name: str) -> EntitySpec | None:
         spec = self.registry.entity(name)
         if spec is None:
-            self.plan.errors.append(OpIssue(i, "unknown_entity", f"no entity named {name!r}"))
+            self._refuse(i, "unknown_entity", f"no entity named {name!r}")
         return spec
 
     def _check_fields(
         self, i: int, spec: EntitySpec, values: Mapping[str, Value], *, intent: bool = False
-    ) -> bool:
+    ) -> dict[str, Value] | None:
+        """``values`` in canonical form, or None after recording why they are refused.
+
+        Every bad field is reported, not just the first, so a device can fix them all at once.
+        Intents are server code acting on the role's behalf: they may write any declared field.
+        """
         ok = True
         writable = spec.writable_by(self.principal.role)
+        clean: dict[str, Value] = {}
         for name, value in values.items():
             fspec = spec.fields.get(name)
             if fspec is None:
-                self.plan.errors.append(
-                    OpIssue(i, "unknown_field", f"{spec.name} has no field {name!r}", name)
-                )
+                self._refuse(i, "unknown_field", f"{spec.name} has no field {name!r}", name)
                 ok = False
-                continue
-            if not intent and name not in writable:
-                self.plan.errors.append(
-                    OpIssue(
-                        i,
-                        "field_forbidden",
-                        f"role {self.principal.role} may not write {spec.name}.{name}",
-                        name,
-                    )
-                )
+            elif not intent and name not in writable:
+                message = f"role {self.principal.role} may not write {spec.name}.{name}"
+                self._refuse(i, "field_forbidden", message, name)
                 ok = False
-                continue
-            err = fspec.check(name, value)
-            if err is not None:
+            elif (err := fspec.check(name, value)) is not None:
                 self.plan.errors.append(_issue(i, err))
                 ok = False
-        return ok
+            else:
+                clean[name] = fspec.canonical(value)
+        return clean if ok else None
 
     def _check_scope(self, i: int, scope: str | None) -> bool:
         if scope is None or not self.principal.may_access(scope):
-            self.plan.errors.append(
-                OpIssue(i, "out_of_scope", "the row is outside the branches of this device's user")
-            )
+            self._refuse(i, "out_of_scope", "the row is outside the branches of this device's user")
+            return False
+        return True
+
+    def _check_scope_field(
+        self, i: int, spec: EntitySpec, values: Mapping[str, Value], current: Mapping[str, Any]
+    ) -> bool:
+        # A row never moves between scopes: devices of the old branch would keep a copy
+        # forever, and the new branch's devices would miss its history.
+        name = spec.scope_field
+        if name is not None and name in values and values[name] != current.get(name):
+            self._refuse(i, "immutable_field", f"{name} cannot change", name)
             return False
         return True
 
     def _unique_clash(
-        self, spec: EntitySpec, row_id: str, scope: str, data: Mapping[str, Any]
-    ) -> str | None:
-        for group in spec.unique:
-            values = tuple(data.get(name) for name in group)
-            owner = self.unique_index.get((spec.name, scope, group, values))
-            if owner is not None and owner != row_id:
-                current = self.rows.get((spec.name, owner))
-                if current is None or not current.deleted:
-                    return ", ".join(group)
-        return None
+        self,
+        spec: EntitySpec,
+        row_id: str,
+        scope: str,
+        data: Mapping[str, Any],
+        groups: Sequence[tuple[str, ...]],
+    ) -> dict[tuple[str, ...], str]:
+        """Each of ``groups`` whose values in ``data`` a live row other than ``row_id`` holds,
+        with that row's id."""
+        clashes: dict[tuple[str, ...], str] = {}
+        for group in groups:
+            folded = spec.unique_key(group, data)
+            if folded is None:
+                continue
+            for owner in sorted(self.holders.get((spec.name, scope, group, folded), set())):
+                holder = self.rows.get((spec.name, owner))
+                # A holder deleted earlier in this change-set has released its values.
+                if owner != row_id and (holder is None or not holder.deleted):
+                    clashes[group] = owner
+                    break
+        return clashes
 
     def _claim_unique(
         self,
@@ -156,15 +221,24 @@ class _Planner:
         old: Mapping[str, Any] | None,
         new: Mapping[str, Any] | None,
     ) -> None:
+        """Move ``row_id``'s unique values from ``old`` to ``new``, so later ops see them."""
         for group in spec.unique:
-            if old is not None:
-                old_key = (spec.name, scope, group, tuple(old.get(n) for n in group))
-                if self.unique_index.get(old_key) == row_id:
-                    del self.unique_index[old_key]
-            if new is not None:
-                self.unique_index[(spec.name, scope, group, tuple(new.get(n) for n in group))] = (
-                    row_id
-                )
+            if old is not None and (folded := spec.unique_key(group, old)) is not None:
+                self.holders.get((spec.name, scope, group, folded), set()).discard(row_id)
+            if new is not None and (folded := spec.unique_key(group, new)) is not None:
+                self.holders.setdefault((spec.name, scope, group, folded), set()).add(row_id)
+
+    def _withhold_clashes(
+        self, i: int, spec: EntitySpec, cur: RowState, base: int | None, values: dict[str, Value]
+    ) -> None:
+        """Take out of ``values`` (changes to live row ``cur``) the unique groups they would
+        duplicate, each kept as a ``unique_violation`` conflict; the rest still applies."""
+        touched = [g for g in spec.unique if set(g) & set(values)]
+        data = {**cur.data, **values}
+        for group, owner in self._unique_clash(spec, cur.id, cur.scope, data, touched).items():
+            proposed = {name: values.pop(name) for name in group if name in values}
+            server = {name: cur.data.get(name) for name in proposed}
+            self._conflict(i, cur, "unique_violation", base, proposed, {**server, "held_by": owner})
 
     def _write(
         self,
@@ -178,19 +252,13 @@ class _Planner:
         previous = self.plan.writes.get(key)
         write = RowWrite(spec.name, cur.id, cur.scope, data, changed, created)
         if previous is not None:
+            # One write per row: fold this op into the change-set's earlier write of it.
             write.changed |= previous.changed
             write.created = previous.created and data is not None
         self.plan.writes[key] = write
-        self.own_fields.setdefault(key, set()).update(changed)
-        self.rows[key] = RowState(
-            entity=spec.name,
-            id=cur.id,
-            scope=cur.scope,
-            version=cur.version,
-            deleted=data is None,
-            data=data or {},
-            field_versions=cur.field_versions,
-        )
+        # ``version`` and ``field_versions`` stay the server's: staleness is always judged
+        # against what the server had before this change-set, which is what the device saw.
+        self.rows[key] = replace(cur, deleted=data is None, data=data or {})
 
     def _conflict(
         self,
@@ -200,12 +268,19 @@ class _Planner:
         base: int | None,
         proposed: dict[str, Any],
         server: dict[str, Any],
-    ) -> None:
-        self.plan.conflicts.append(
-            ConflictDraft(
-                cur.entity, cur.id, cur.scope, kind, i, base, cur.version, proposed, server
-            )
+    ) -> ConflictDraft:
+        draft = ConflictDraft(
+            cur.entity, cur.id, cur.scope, kind, i, base, cur.version, proposed, server
         )
+        self.plan.conflicts.append(draft)
+        return draft
+
+    def _replace_draft(self, old: ConflictDraft, new: ConflictDraft | None) -> None:
+        at = next(j for j, c in enumerate(self.plan.conflicts) if c is old)
+        if new is None:
+            del self.plan.conflicts[at]
+        else:
+            self.plan.conflicts[at] = new
 
     # --- ops -----------------------------------------------------------------------------
 
@@ -214,137 +289,158 @@ class _Planner:
         if spec is None:
             return
         if self.principal.role not in spec.creatable_by:
-            self.plan.errors.append(
-                OpIssue(i, "forbidden", f"role {self.principal.role} may not create {spec.name}")
-            )
+            self._refuse(i, "forbidden", f"role {self.principal.role} may not create {spec.name}")
             return
-        values = dict(op.fields)
-        if (
-            spec.scope_field is not None
-            and spec.scope_field not in values
-            and self.principal.device_branch_id is not None
-        ):
-            values[spec.scope_field] = self.principal.device_branch_id
-        if not self._check_fields(i, spec, op.fields):
+        values = self._check_fields(i, spec, op.fields)
+        if values is None:
             return
-        data: dict[str, Any] = {**spec.defaults, **values}
+        if spec.scope_field is not None and spec.scope_field not in values:
+            # A device works for one branch: a row it creates belongs there unless it says.
+            device_branch = self.principal.device_branch_id
+            if device_branch is not None:
+                values[spec.scope_field] = device_branch.lower()
+        # Every declared field is in a row's image, so replicas never guess at absent keys.
+        unset = {name: None for name, fspec in spec.fields.items() if fspec.nullable}
+        data: dict[str, Any] = {**unset, **spec.defaults, **values}
         missing = sorted(spec.required_fields() - set(data))
         for name in missing:
-            self.plan.errors.append(OpIssue(i, "required", f"{name} is required", name))
+            self._refuse(i, "required", f"{name} is required", name)
         if missing:
             return
-        if spec.scope_field is not None and spec.scope_field in values:
-            err = spec.fields[spec.scope_field].check(spec.scope_field, values[spec.scope_field])
-            if err is not None:
-                self.plan.errors.append(_issue(i, err))
-                return
         scope = spec.scope_of(data)
         if not self._check_scope(i, scope):
             return
         assert scope is not None
         key = (spec.name, op.id)
-        if self.rows.get(key) is not None:
-            self.plan.errors.append(
-                OpIssue(
-                    i,
-                    "already_exists",
-                    f"{spec.name} {op.id} already exists (ids are never reused)",
-                )
+        if self.rows.get(key) is not None or key in self.withheld:
+            message = f"{spec.name} {op.id} already exists (ids are never reused)"
+            self._refuse(i, "already_exists", message)
+            return
+        clashes = self._unique_clash(spec, op.id, scope, data, spec.unique)
+        if clashes:
+            # The row cannot exist as sent; which one the branch keeps is a manager's call.
+            group, owner = next(iter(clashes.items()))
+            server = {"unique": ", ".join(group), "held_by": owner}
+            draft = ConflictDraft(
+                spec.name, op.id, scope, "unique_violation", i, None, None, data, server
             )
+            self.plan.conflicts.append(draft)
+            self.withheld[key] = draft
             return
         row = RowState(spec.name, op.id, scope, 0, False, {}, {})
-        clash = self._unique_clash(spec, op.id, scope, data)
-        if clash is not None:
-            self._conflict(i, row, "unique_violation", None, data, {"unique": clash})
-            return
         self._claim_unique(spec, op.id, scope, None, data)
         self._write(spec, row, data, set(data), created=True)
+        self.own_fields[key] = set(data)
+
+    def _amend_withheld(self, i: int, spec: EntitySpec, op: PatchOp | DeleteOp) -> None:
+        """A later op on a row whose create was withheld joins the create in its conflict:
+        the manager sees the row the device meant, and the change-set is not refused for
+        naming a row the device rightly believes it created."""
+        key = (spec.name, op.id)
+        draft = self.withheld[key]
+        if isinstance(op, DeleteOp):
+            if self.principal.role not in spec.deletable_by:
+                self._refuse(
+                    i, "forbidden", f"role {self.principal.role} may not delete {spec.name}"
+                )
+                return
+            # Created then deleted: nothing is left to decide.
+            self._replace_draft(draft, None)
+            del self.withheld[key]
+            return
+        values = self._check_fields(i, spec, op.fields)
+        if values is None or not self._check_scope_field(i, spec, values, draft.proposed):
+            return
+        amended = replace(draft, proposed={**draft.proposed, **values})
+        self._replace_draft(draft, amended)
+        self.withheld[key] = amended
 
     def patch(self, i: int, op: PatchOp) -> None:
         spec = self._entity(i, op.entity)
         if spec is None:
             return
-        cur = self.rows.get((spec.name, op.id))
+        key = (spec.name, op.id)
+        if key in self.withheld:
+            self._amend_withheld(i, spec, op)
+            return
+        cur = self.rows.get(key)
         if cur is None:
-            self.plan.errors.append(OpIssue(i, "not_found", f"{spec.name} {op.id} does not exist"))
+            self._refuse(i, "not_found", f"{spec.name} {op.id} does not exist")
             return
-        if not self._check_scope(i, cur.scope) or not self._check_fields(i, spec, op.fields):
+        if not self._check_scope(i, cur.scope):
             return
-        if (
-            spec.scope_field is not None
-            and spec.scope_field in op.fields
-            and op.fields[spec.scope_field] != cur.data.get(spec.scope_field)
-            and not cur.deleted
-        ):
-            self.plan.errors.append(
-                OpIssue(i, "immutable_field", f"{spec.scope_field} cannot change", spec.scope_field)
-            )
+        values = self._check_fields(i, spec, op.fields)
+        if values is None:
             return
-        own = self.own_fields.get((spec.name, op.id), set())
-        if cur.version and op.base_version > cur.version and not own:
-            self.plan.errors.append(
-                OpIssue(
-                    i,
-                    "invalid_base_version",
-                    f"base_version {op.base_version} is newer than the row",
-                )
-            )
+        # A tombstone has no data to compare the scope field with; it is refused below anyway.
+        if not cur.deleted and not self._check_scope_field(i, spec, values, cur.data):
+            return
+        # Version 0 is a row this change-set creates: the device knows no version of it yet.
+        if cur.version and op.base_version > cur.version:
+            message = f"base_version {op.base_version} is newer than the row ({cur.version})"
+            self._refuse(i, "invalid_base_version", message)
             return
         if cur.deleted:
             # The row is gone: never resurrect it, but keep the edit for a manager to see.
-            self._conflict(i, cur, "update_deleted", op.base_version, dict(op.fields), {})
+            self._conflict(i, cur, "update_deleted", op.base_version, dict(values), {})
             return
+        own = self.own_fields.setdefault(key, set())
         stale = {
             name
-            for name, value in op.fields.items()
+            for name, value in values.items()
             if name not in own
-            and cur.field_versions.get(name, 0) > op.base_version
+            # A field without a recorded version may have changed at any time up to the
+            # row's version: assume it did (a needless conflict beats a silent overwrite).
+            and cur.field_versions.get(name, cur.version) > op.base_version
+            # Two devices making the same change agree: nothing to resolve.
             and cur.data.get(name) != value
         }
-        applied = dict(op.fields)
         if stale and spec.merge is MergePolicy.FLAG:
             self._conflict(
                 i,
                 cur,
                 "concurrent_update",
                 op.base_version,
-                {name: op.fields[name] for name in sorted(stale)},
+                {name: values[name] for name in sorted(stale)},
                 {name: cur.data.get(name) for name in sorted(stale)},
             )
-            applied = {k: v for k, v in applied.items() if k not in stale}
-        changed = {k for k, v in applied.items() if cur.data.get(k) != v}
-        if not changed:
+            values = {k: v for k, v in values.items() if k not in stale}
+        # Under FIELD_LWW stale fields stay in ``values``: this write is the later one and wins.
+        changes = {k: v for k, v in values.items() if cur.data.get(k) != v}
+        wanted = set(changes)
+        self._withhold_clashes(i, spec, cur, op.base_version, changes)
+        own.update(set(values) - (wanted - set(changes)))
+        if not changes:
             return
-        data = {**cur.data, **{k: applied[k] for k in changed}}
-        clash = self._unique_clash(spec, op.id, cur.scope, data)
-        if clash is not None:
-            self._conflict(i, cur, "unique_violation", op.base_version, applied, {"unique": clash})
-            return
+        data = {**cur.data, **changes}
         self._claim_unique(spec, op.id, cur.scope, cur.data, data)
-        self._write(spec, cur, data, changed, created=False)
+        self._write(spec, cur, data, set(changes), created=False)
 
     def delete(self, i: int, op: DeleteOp) -> None:
         spec = self._entity(i, op.entity)
         if spec is None:
             return
-        cur = self.rows.get((spec.name, op.id))
+        key = (spec.name, op.id)
+        if key in self.withheld:
+            self._amend_withheld(i, spec, op)
+            return
+        cur = self.rows.get(key)
         if cur is None:
-            self.plan.errors.append(OpIssue(i, "not_found", f"{spec.name} {op.id} does not exist"))
+            self._refuse(i, "not_found", f"{spec.name} {op.id} does not exist")
             return
         if self.principal.role not in spec.deletable_by:
-            self.plan.errors.append(
-                OpIssue(i, "forbidden", f"role {self.principal.role} may not delete {spec.name}")
-            )
+            self._refuse(i, "forbidden", f"role {self.principal.role} may not delete {spec.name}")
             return
         if not self._check_scope(i, cur.scope):
             return
         if cur.deleted:
             return  # deleting twice is still deleted
-        own = self.own_fields.get((spec.name, op.id), set())
-        if spec.merge is MergePolicy.FLAG and not own and cur.version > op.base_version:
+        # ``cur.version`` is the server's version before this change-set (see ``_write``), so
+        # the device's own earlier edits in the change-set do not hide someone else's.
+        if spec.merge is MergePolicy.FLAG and cur.version > op.base_version:
             modified = {
                 name: cur.data.get(name)
-                for name, version in cur.field_versions.items()
+                for name, version in sorted(cur.field_versions.items())
                 if version > op.base_version
             }
             self._conflict(i, cur, "delete_modified", op.base_version, {"deleted": True}, modified)
@@ -352,21 +448,12 @@ class _Planner:
         self._claim_unique(spec, op.id, cur.scope, cur.data, None)
         self._write(spec, cur, None, set(), created=False)
 
-    def intent(self, i: int, op: IntentOp) -> None:
-        spec = self.registry.intents.get(op.name)
-        if spec is None:
-            self.plan.errors.append(OpIssue(i, "unknown_intent", f"no intent named {op.name!r}"))
-            return
-        if self.principal.role not in spec.allowed:
-            self.plan.errors.append(
-                OpIssue(i, "forbidden", f"role {self.principal.role} may not {op.name}")
-            )
-            return
+    def _check_args(self, i: int, spec: IntentSpec, args: Mapping[str, Value]) -> bool:
         ok = True
-        for name, value in op.args.items():
+        for name, value in args.items():
             fspec = spec.args.get(name)
             err = (
-                FieldError(name, "unknown_field", f"{op.name} has no argument {name!r}")
+                FieldError(name, "unknown_field", f"{spec.name} has no argument {name!r}")
                 if fspec is None
                 else fspec.check(name, value)
             )
@@ -374,17 +461,55 @@ class _Planner:
                 self.plan.errors.append(_issue(i, err))
                 ok = False
         for name, fspec in spec.args.items():
-            if name not in op.args and not fspec.nullable:
-                self.plan.errors.append(OpIssue(i, "required", f"{name} is required", name))
+            if name not in args and not fspec.nullable:
+                self._refuse(i, "required", f"{name} is required", name)
                 ok = False
-        if not ok:
+        return ok
+
+    def intent(self, i: int, op: IntentOp) -> None:
+        spec = self.registry.intents.get(op.name)
+        if spec is None:
+            self._refuse(i, "unknown_intent", f"no intent named {op.name!r}")
             return
-        targets = spec.targets(op.args)
+        if self.principal.role not in spec.allowed:
+            self._refuse(i, "forbidden", f"role {self.principal.role} may not {op.name}")
+            return
+        if not self._check_args(i, spec, op.args):
+            return
+        args = spec.canonical_args(op.args)
+        try:
+            targets = spec.targets(args)
+        except (KeyError, TypeError, ValueError) as exc:
+            self._refuse(i, "invalid", f"{op.name}: {exc}")
+            return
+        for key in targets:
+            if key in self.withheld:
+                held = self.withheld[key]
+                self.plan.conflicts.append(
+                    ConflictDraft(
+                        held.entity,
+                        held.id,
+                        held.scope,
+                        "blocked_by_conflict",
+                        i,
+                        None,
+                        None,
+                        _intent_proposal(op.name, args),
+                        {"blocked_by": held.kind, "op_index": held.op_index},
+                    )
+                )
+                return
+            row = self.rows.get(key)
+            if row is not None and row.deleted:
+                # A delete wins over an intent too, but the intent is kept, never dropped.
+                proposal = _intent_proposal(op.name, args)
+                self._conflict(i, row, "update_deleted", None, proposal, {})
+                return
         current: dict[Key, Mapping[str, Any] | None] = {}
         for key in targets:
             row = self.rows.get(key)
-            current[key] = None if row is None or row.deleted else row.data
-        result = spec.apply(op.args, current)
+            current[key] = None if row is None else row.data
+        result = spec.apply(args, current)
         if isinstance(result, FieldError):
             self.plan.errors.append(_issue(i, result))
             return
@@ -392,18 +517,21 @@ class _Planner:
             row = self.rows.get(key)
             entity = self.registry.entity(key[0])
             if row is None or row.deleted or entity is None:
-                self.plan.errors.append(
-                    OpIssue(i, "not_found", f"{key[0]} {key[1]} does not exist")
-                )
+                self._refuse(i, "not_found", f"{key[0]} {key[1]} does not exist")
                 return
-            if not self._check_scope(i, row.scope) or not self._check_fields(
-                i, entity, changes, intent=True
-            ):
+            if not self._check_scope(i, row.scope):
                 return
-            changed = {k for k, v in changes.items() if row.data.get(k) != v}
+            values = self._check_fields(i, entity, changes, intent=True)
+            if values is None or not self._check_scope_field(i, entity, values, row.data):
+                return
+            changed = {k: v for k, v in values.items() if row.data.get(k) != v}
+            wanted = set(changed)
+            self._withhold_clashes(i, entity, row, None, changed)
+            self.own_fields.setdefault(key, set()).update(set(values) - (wanted - set(changed)))
             if changed:
-                data = {**row.data, **{k: changes[k] for k in changed}}
-                self._write(entity, row, data, changed, created=False)
+                data = {**row.data, **changed}
+                self._claim_unique(entity, row.id, row.scope, row.data, data)
+                self._write(entity, row, data, set(changed), created=False)
 
 
 def plan_change_set(
@@ -415,10 +543,10 @@ def plan_change_set(
 ) -> Plan:
     """Decide what a change-set does, given the current state of the rows it touches.
 
-    ``rows`` must hold every row the ops name (None when it does not exist); ``unique_index``
-    every live holder of a unique value the ops write. Ops apply in order, each seeing the
-    effect of the ones before it. A plan with ``errors`` must be stored as rejected and its
-    writes discarded.
+    ``rows`` must hold every row the ops name (None when it does not exist; ``touched_keys``
+    lists them); ``unique_index`` every live holder of a unique value the ops write. Ops apply
+    in order, each seeing the effect of the ones before it. A plan with ``errors`` is rejected:
+    it carries no writes and no conflicts, and must be stored as rejected.
     """
     planner = _Planner(registry, principal, rows, unique_index or {})
     for i, op in enumerate(ops):
@@ -444,7 +572,9 @@ def touched_keys(ops: Sequence[Op], registry: Registry) -> list[Key]:
             spec = registry.intents.get(op.name)
             if spec is not None:
                 try:
-                    keys.extend(spec.targets(op.args))
+                    # The same canonical args the planner passes, or it would look for rows
+                    # under ids the engine never loaded.
+                    keys.extend(spec.targets(spec.canonical_args(op.args)))
                 except (KeyError, TypeError, ValueError):
                     continue  # bad args: the planner reports them
         else:

@@ -11,7 +11,7 @@ from typing import Any
 
 from . import fields as f
 from .fields import FieldError, Value
-from .registry import ORG_SCOPE, EntitySpec, IntentSpec, MergePolicy, Registry
+from .registry import BRANCH_SCOPE, ORG_SCOPE, EntitySpec, IntentSpec, MergePolicy, Registry
 from .roles import Role
 
 EVERYONE = frozenset(Role)
@@ -40,7 +40,7 @@ STAFF = EntitySpec(
 
 DEVICES = EntitySpec(
     name="devices",
-    scope_kind="branch",
+    scope_kind=BRANCH_SCOPE,
     scope_field="branch_id",
     fields={
         "branch_id": f.uuid_ref(),
@@ -54,7 +54,7 @@ INVENTORY_UNITS = ("each", "g", "kg", "ml", "l", "case", "pack")
 
 INVENTORY_ITEMS = EntitySpec(
     name="inventory_items",
-    scope_kind="branch",
+    scope_kind=BRANCH_SCOPE,
     scope_field="branch_id",
     fields={
         "branch_id": f.uuid_ref(),
