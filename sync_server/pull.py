@@ -134,13 +134,16 @@ def pull(
                 .order_by(sync_rows.c.version)
                 .limit(remaining + 1)
             ).all()
-            if len(rows) > remaining:
+            cut = len(rows) > remaining
+            if cut:
                 # Step 4: never split a version (one transaction's writes) across pages.
                 page = rows[:remaining]
                 boundary = rows[remaining].version
                 if page and page[-1].version == boundary:
                     page = [r for r in page if r.version != boundary]
-                    if not page:
+                    # A version larger than the whole limit is sent alone, in one page of its
+                    # own; when earlier scopes already filled part of this page, it waits.
+                    if not page and not changes:
                         page = conn.execute(
                             select(
                                 sync_rows.c.entity,
@@ -153,11 +156,13 @@ def pull(
                             .order_by(sync_rows.c.entity, sync_rows.c.row_id)
                         ).all()
                 rows = page
-                has_more = True
-                out_cursors[scope] = rows[-1].version if rows else cursor
-            else:
+            if not cut or (rows and rows[-1].version == head.version):
+                # Everything up to the head fits (or the oversized version was the last one).
                 out_cursors[scope] = head.version
                 finished.append(m.ScopeState(scope, head.version, head.row_count, head.checksum))
+            else:
+                has_more = True
+                out_cursors[scope] = rows[-1].version if rows else cursor
             remaining -= len(rows)
             # Step 5: role filtering and checksums.
             for r in rows:

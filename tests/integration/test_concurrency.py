@@ -1,0 +1,228 @@
+"""Replays and races: whatever the interleaving, a change-set applies exactly once.
+
+Against the engine on real databases (MariaDB row locks, SQLite's single writer), with threads
+released together by a barrier so that the requests really overlap.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from domain.registry import ORG_SCOPE
+from sync_server.db import run_in_transaction
+from sync_server.directory import create_branch
+from sync_server.push import PushResult, push
+from tests.factories import Factory, User
+from tests.syncing import (
+    REGISTRY,
+    change_set,
+    change_set_records,
+    cheap_passwords,
+    conflict_rows,
+    create,
+    dish,
+    item,
+    last_applied_seq,
+    new_id,
+    patch,
+    post,
+    principal,
+    push_body,
+    scope_heads,
+    server_rows,
+    to_change_sets,
+)
+
+__all__ = ["cheap_passwords"]
+
+T = TypeVar("T")
+
+
+def together(n: int, fn: Callable[[int], T]) -> list[T]:
+    """Run ``fn(0..n-1)`` on ``n`` threads released at the same instant; re-raise any error."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = fn(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def engine_push(db: Engine, user: User, device: str, *sets: dict[str, Any]) -> PushResult:
+    return push(
+        db,
+        device_id=device,
+        principal=principal(user),
+        change_sets=to_change_sets(*sets),
+        registry=REGISTRY,
+    )
+
+
+@pytest.fixture
+def manager(factory: Factory, cheap_passwords: None) -> tuple[User, str]:
+    user = factory.user("manager")
+    return user, factory.device(user)
+
+
+def test_the_same_push_sent_at_once_from_eight_threads_applies_once(
+    db: Engine, manager: tuple[User, str]
+) -> None:
+    user, device = manager
+    for seq in range(1, 4):
+        cs = change_set(seq, create("inventory_items", **item()), create("menu_items", **dish()))
+        results = together(8, lambda _i, cs=cs: engine_push(db, user, device, cs))
+
+        fresh = [r.outcomes[0] for r in results if not r.outcomes[0].replayed]
+        replays = [r.outcomes[0] for r in results if r.outcomes[0].replayed]
+        assert len(fresh) == 1 and len(replays) == 7
+        assert all(o.versions == fresh[0].versions for o in replays)
+        assert all(r.last_applied_seq >= seq for r in results)
+    # Three change-sets, two rows each, one version per scope per change-set.
+    pushed = [k for k in server_rows(db) if k[0] in ("inventory_items", "menu_items")]
+    assert len(pushed) == 6
+    assert len(change_set_records(db, device)) == 3
+    branch_scope = f"branch:{user.branch_ids[0]}"
+    heads = scope_heads(db)
+    assert heads[branch_scope].version == 1 + 3  # the device registration, then 3 change-sets
+    assert last_applied_seq(db, device) == 3
+
+
+def test_the_same_push_sent_twice_at_once_over_http_applies_once(
+    client: Any, db: Engine, factory: Factory, cheap_passwords: None
+) -> None:
+    user = factory.user("manager")
+    device, headers = factory.device(user), factory.auth(user)
+    inv = new_id()
+    body = push_body(device, change_set(1, create("inventory_items", inv, **item())))
+
+    answers = together(2, lambda _i: post(client, "push", body, headers))
+
+    assert [status for status, _ in answers] == [200, 200]
+    outcomes = sorted((b["outcomes"][0] for _, b in answers), key=lambda o: o["replayed"])
+    assert [o["replayed"] for o in outcomes] == [False, True]
+    assert outcomes[0]["versions"] == outcomes[1]["versions"]
+    assert server_rows(db)[("inventory_items", inv)]["version"] == int(
+        next(iter(outcomes[0]["versions"].values()))
+    )
+    assert len(change_set_records(db, device)) == 1
+
+
+def test_two_devices_racing_with_the_same_change_set_id_apply_it_once(
+    db: Engine, factory: Factory, cheap_passwords: None
+) -> None:
+    branch = factory.branch()
+    users = [factory.user("manager", [branch]) for _ in range(2)]
+    devices = [factory.device(u) for u in users]
+    cs_id = new_id()
+
+    results = together(
+        2,
+        lambda i: engine_push(
+            db, users[i], devices[i], change_set(1, create("menu_items", **dish()), cs_id=cs_id)
+        ),
+    )
+
+    statuses = sorted(r.outcomes[0].status for r in results)
+    assert statuses == ["applied", "rejected"]
+    rejected = next(r.outcomes[0] for r in results if r.outcomes[0].status == "rejected")
+    assert rejected.errors[0].code == "duplicate_change_set_id"
+    assert all(r.last_applied_seq == 1 for r in results)
+    assert sum(1 for k in server_rows(db) if k[0] == "menu_items") == 1
+
+
+def test_concurrent_creates_of_one_sku_keep_it_unique_in_the_branch(
+    db: Engine, factory: Factory, cheap_passwords: None
+) -> None:
+    branch = factory.branch()
+    users = [factory.user("staff", [branch]) for _ in range(6)]
+    devices = [factory.device(u) for u in users]
+
+    results = together(
+        6,
+        lambda i: engine_push(
+            db, users[i], devices[i], change_set(1, create("inventory_items", **item(sku="EGG")))
+        ),
+    )
+
+    statuses = sorted(r.outcomes[0].status for r in results)
+    assert statuses == ["applied"] + ["applied_with_conflicts"] * 5
+    assert {c.kind for c in conflict_rows(db).values()} == {"unique_violation"}
+    live = [k for k, r in server_rows(db).items() if k[0] == "inventory_items"]
+    assert len(live) == 1
+
+
+def test_concurrent_price_edits_of_one_dish_leave_one_price_and_conflicts_for_the_rest(
+    db: Engine, factory: Factory, cheap_passwords: None
+) -> None:
+    branch = factory.branch()
+    users = [factory.user("manager", [branch]) for _ in range(6)]
+    devices = [factory.device(u) for u in users]
+    menu = new_id()
+    engine_push(db, users[0], devices[0], change_set(1, create("menu_items", menu, **dish())))
+    base = server_rows(db)[("menu_items", menu)]["version"]
+
+    results = together(
+        6,
+        lambda i: engine_push(
+            db,
+            users[i],
+            devices[i],
+            change_set(2 if i == 0 else 1, patch("menu_items", menu, base, price_cents=2000 + i)),
+        ),
+    )
+
+    outcomes = [r.outcomes[0] for r in results]
+    winners = [i for i, o in enumerate(outcomes) if o.status == "applied"]
+    assert len(winners) == 1
+    assert sum(len(o.conflicts) for o in outcomes) == 5
+    assert server_rows(db)[("menu_items", menu)]["data"]["price_cents"] == 2000 + winners[0]
+
+
+def test_pushes_writing_two_scopes_and_new_branches_in_parallel_neither_deadlock_nor_fail(
+    db: Engine, factory: Factory, cheap_passwords: None
+) -> None:
+    branch = factory.branch()
+    users = [factory.user("manager", [branch]) for _ in range(6)]
+    devices = [factory.device(u) for u in users]
+
+    def work(i: int) -> Any:
+        if i >= 6:  # branches are written in the org scope and their own, like menu + stock
+            return run_in_transaction(
+                db, lambda conn: create_branch(conn, f"PAR{i}{new_id()[:6]}", "Parallel")
+            )
+        return engine_push(
+            db,
+            users[i],
+            devices[i],
+            *[
+                change_set(s, create("menu_items", **dish()), create("inventory_items", **item()))
+                for s in range(1, 6)
+            ],
+        )
+
+    results = together(8, work)
+
+    for r in results[:6]:
+        assert [o.status for o in r.outcomes] == ["applied"] * 5
+    heads = scope_heads(db)
+    org_rows = [r for r in server_rows(db).values() if r["scope"] == ORG_SCOPE]
+    assert heads[ORG_SCOPE].row_count == len(org_rows)
+    assert heads[f"branch:{branch.id}"].row_count == 6 + 30  # devices + stock items
