@@ -60,3 +60,167 @@ def test_an_offline_create_shows_at_once_and_reaches_another_device(
     assert a.replica.pending() == [] and applied_count(resources.engine, a.device_id) == 1
     expected = server_image(resources.engine, scopes_of(alice.branch_ids), "staff")
     assert replica_image(a) == expected == replica_image(b) == replica_image(a, view=True)
+
+
+def test_a_rejected_change_set_moves_to_the_rejected_list_and_does_not_block_the_queue(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp], resources: Resources
+) -> None:
+    branch = factory.branch()
+    alice = factory.user("staff", [branch])
+    a = device(str(tmp_path / "a.db"), network(), factory, alice)
+    # Staff may not set costs: the whole change-set is refused, the next one still applies.
+    bad = a.create(INVENTORY, {**flour("BAD"), "cost_cents": 120})
+    good = a.create(INVENTORY, flour("GOOD"))
+    assert a.get(INVENTORY, bad) is not None  # shown optimistically until the server answers
+
+    report = a.sync()
+
+    assert (report.applied, report.rejected) == (1, 1)
+    assert a.get(INVENTORY, bad) is None and a.get(INVENTORY, good) is not None
+    [rejected] = a.replica.rejected()
+    assert rejected.seq == 1 and rejected.errors[0].code == "field_forbidden"
+    assert rejected.errors[0].field == "cost_cents"
+    assert a.replica.pending() == []
+    assert applied_count(resources.engine, a.device_id) == 2  # the rejection consumed seq 1
+
+
+def test_concurrent_price_edits_are_reported_as_conflicts(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp]
+) -> None:
+    branch = factory.branch()
+    ann = factory.user("manager", [branch])
+    max_ = factory.user("manager", [branch])
+    a = device(str(tmp_path / "a.db"), network(), factory, ann)
+    b = device(str(tmp_path / "b.db"), network(), factory, max_)
+    dish = a.create(MENU, {"name": "Soup", "price_cents": 500})
+    a.sync()
+    b.sync()
+
+    a.patch(MENU, dish, {"price_cents": 550})
+    b.patch(MENU, dish, {"price_cents": 600})
+    a.sync()
+    report = b.sync()
+
+    assert report.conflicts == 1 and len(b.replica.conflicts()) == 1
+    a.sync()
+    for client in (a, b):
+        row = client.get(MENU, dish)
+        assert row is not None and row.data["price_cents"] == 550 and not row.pending
+
+
+def test_own_offline_edits_of_a_new_menu_item_are_not_conflicts_with_itself(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp]
+) -> None:
+    branch = factory.branch()
+    ann = factory.user("manager", [branch])
+    a = device(str(tmp_path / "a.db"), network(), factory, ann)
+    dish = a.create(MENU, {"name": "Soup", "price_cents": 500}, scope="org")
+    a.patch(MENU, dish, {"price_cents": 550})
+    a.patch(MENU, dish, {"price_cents": 575, "name": "Leek soup"})
+    gone = a.create(MENU, {"name": "Stew", "price_cents": 900}, scope="org")
+    a.delete(MENU, gone)
+
+    report = a.sync()
+
+    assert (report.applied, report.conflicts, report.rejected) == (5, 0, 0)
+    row = a.get(MENU, dish)
+    assert row is not None and row.data["price_cents"] == 575 and row.data["name"] == "Leek soup"
+    assert a.get(MENU, gone) is None
+
+
+def test_an_edit_of_a_row_deleted_meanwhile_does_not_bring_it_back(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp]
+) -> None:
+    branch = factory.branch()
+    boss = factory.user("manager", [branch])
+    alice = factory.user("staff", [branch])
+    m = device(str(tmp_path / "m.db"), network(), factory, boss)
+    a = device(str(tmp_path / "a.db"), network(), factory, alice)
+    item = m.create(INVENTORY, flour())
+    m.sync()
+    a.sync()
+
+    m.delete(INVENTORY, item)
+    a.patch(INVENTORY, item, {"name": "Bread flour"})
+    m.sync()
+    report = a.sync()
+
+    assert report.conflicts == 1
+    assert a.get(INVENTORY, item) is None and a.replica.pending() == []
+
+
+def test_a_lost_push_answer_is_replayed_and_applied_once(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp], resources: Resources
+) -> None:
+    branch = factory.branch()
+    alice = factory.user("staff", [branch])
+    http = network()
+    a = device(str(tmp_path / "a.db"), http, factory, alice)
+    a.sync()
+    item = a.create(INVENTORY, flour())
+    http.lose_next, http.lose_paths = 2, ("/push",)
+
+    report = a.sync()
+
+    assert report.retries == 2 and http.sent.count("/sync/v1/push") == 3
+    assert applied_count(resources.engine, a.device_id) == 1
+    row = a.get(INVENTORY, item)
+    assert row is not None and not row.pending and a.replica.pending() == []
+
+
+def test_a_lost_pull_answer_is_asked_again(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp], resources: Resources
+) -> None:
+    branch = factory.branch()
+    alice = factory.user("staff", [branch])
+    http = network()
+    a = device(str(tmp_path / "a.db"), http, factory, alice, page_limit=2)
+    http.lose_next, http.lose_paths = 3, ("/pull",)
+
+    report = a.sync()
+
+    assert report.retries == 3
+    assert replica_image(a) == server_image(resources.engine, scopes_of(alice.branch_ids), "staff")
+
+
+def test_interrupted_initial_sync_resumes_without_duplicates_or_holes(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp], resources: Resources
+) -> None:
+    branch = factory.branch()
+    boss = factory.user("manager", [branch])
+    alice = factory.user("staff", [branch])
+    m = device(str(tmp_path / "m.db"), network(), factory, boss)
+    items = [m.create(INVENTORY, flour(f"SKU-{i}")) for i in range(30)]
+    m.sync()
+
+    http = network()
+    a = device(str(tmp_path / "a.db"), http, factory, alice, page_limit=4, attempts=2)
+    http.fail_after = 4  # register and three pages, then the network goes away
+    try:
+        a.sync()
+        raise AssertionError("sync should have failed")
+    except Exception as exc:
+        assert type(exc).__name__ == "SyncFailed"
+    staged = a.replica.staged()
+    assert staged is not None and a.rows() == []  # pages kept, nothing half-applied
+
+    # Meanwhile the rows move on: edits, deletes and new rows on both sides of the cursor.
+    for item in items[:5] + items[-5:]:
+        m.patch(INVENTORY, item, {"name": "Rye flour"})
+    for item in items[10:15]:
+        m.delete(INVENTORY, item)
+    for i in range(5):
+        m.create(INVENTORY, flour(f"NEW-{i}"))
+    m.sync()
+
+    http.offline = False
+    report = a.sync()
+
+    assert report.pages > 1 and a.replica.staged() is None
+    expected = server_image(resources.engine, scopes_of(alice.branch_ids), "staff")
+    assert replica_image(a) == expected == replica_image(a, view=True)
+    assert len(a.rows(INVENTORY)) == 30
+    assert a.replica.verify() == {
+        s: (c, k)
+        for s, c, k in a.replica.conn.execute("SELECT scope, count, checksum FROM scope_sums")
+    }
