@@ -88,6 +88,9 @@ async def _decode(request: Request, type_: type[T]) -> tuple[T, str]:
         else:
             message = msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
+        # A client speaking another major version may send another shape altogether: tell it
+        # to upgrade (426) rather than list what its message lacks.
+        _check_protocol(_peek_protocol(body, content_type))
         raise _validation_error(exc) from None
     except msgspec.DecodeError as exc:
         raise ApiError(
@@ -97,7 +100,24 @@ async def _decode(request: Request, type_: type[T]) -> tuple[T, str]:
     return message, response_type
 
 
-def _check_protocol(version: str) -> None:
+class _Envelope(msgspec.Struct):
+    """Just the protocol version of any message (every other field ignored)."""
+
+    protocol: str | None = None
+
+
+def _peek_protocol(body: bytes, content_type: str) -> str | None:
+    try:
+        if content_type == MSGPACK:
+            return msgspec.msgpack.decode(body, type=_Envelope).protocol
+        return msgspec.json.decode(body, type=_Envelope).protocol
+    except msgspec.MsgspecError:
+        return None
+
+
+def _check_protocol(version: str | None) -> None:
+    if version is None:
+        return  # no version to judge: the schema error says what is missing
     major = version.split(".", 1)[0]
     if major != m.PROTOCOL_VERSION.split(".", 1)[0]:
         raise ApiError(
@@ -142,9 +162,11 @@ async def _run(fn: Callable[[], T]) -> T:
 
 async def register(request: Request) -> Response:
     """Register a device under the signed-in user (idempotent)."""
+    # Who is asking comes first: an anonymous client learns nothing about its message.
+    _media_types(request)
+    identity = await _run(lambda: authenticate(request))
     message, response_type = await _decode(request, m.RegisterDevice)
     resources: Resources = request.app.state.resources
-    identity = await _run(lambda: authenticate(request))
     device_id = message.device_id.lower()
     home = (
         sorted(identity.branch_ids)[0]
@@ -183,9 +205,11 @@ async def register(request: Request) -> Response:
 
 async def push_endpoint(request: Request) -> Response:
     """Apply a batch of change-sets (docs/protocol.md § Push)."""
+    # Who is asking comes first: an anonymous client learns nothing about its message.
+    _media_types(request)
+    identity = await _run(lambda: authenticate(request))
     message, response_type = await _decode(request, m.PushRequest)
     resources: Resources = request.app.state.resources
-    identity = await _run(lambda: authenticate(request))
     principal = await _run(lambda: _device_principal(resources, identity, message.device_id))
     result = await _run(
         lambda: push(
@@ -214,9 +238,11 @@ async def push_endpoint(request: Request) -> Response:
 
 async def pull_endpoint(request: Request) -> Response:
     """One page of changes (docs/protocol.md § Pull)."""
+    # Who is asking comes first: an anonymous client learns nothing about its message.
+    _media_types(request)
+    identity = await _run(lambda: authenticate(request))
     message, response_type = await _decode(request, m.PullRequest)
     resources: Resources = request.app.state.resources
-    identity = await _run(lambda: authenticate(request))
     await _run(lambda: _device_principal(resources, identity, message.device_id))
     scopes = visible_scopes(identity.role, identity.branch_ids)
     try:
