@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
 from .settings import SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -79,6 +81,9 @@ def cmd_branches_create(args: argparse.Namespace) -> int:
     except DirectoryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except IntegrityError:
+        print(f"error: branch {args.code.strip()} already exists", file=sys.stderr)
+        return 2
     finally:
         res.close()
     print(f"branch {branch.code} created ({branch.id})")
@@ -110,9 +115,13 @@ def cmd_users_create(args: argparse.Namespace) -> int:
     except (DirectoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except IntegrityError:
+        # Another process created the same email between our check and our insert.
+        print(f"error: a user with email {args.email.strip().lower()} exists", file=sys.stderr)
+        return 2
     finally:
         res.close()
-    print(f"user {args.email} created ({user_id})")
+    print(f"user {args.email.strip().lower()} created ({user_id})")
     return 0
 
 
@@ -153,11 +162,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_compact(args: argparse.Namespace) -> int:
     from .compaction import compact_tombstones
 
+    if args.days is not None and args.days < 0:
+        print("error: --days must be 0 or more", file=sys.stderr)
+        return 2
     res = _resources()
     try:
-        purged = compact_tombstones(
-            res.engine, retention_days=args.days or res.settings.tombstone_retention_days
-        )
+        days = args.days if args.days is not None else res.settings.tombstone_retention_days
+        purged = compact_tombstones(res.engine, retention_days=days)
     finally:
         res.close()
     print(f"purged {purged} tombstones")
@@ -185,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_seed_demo)
 
-    branches = sub.add_parser("branches", help="manage branches").add_subparsers(
+    branches = sub.add_parser("branches", help="manage branches: create").add_subparsers(
         dest="branches_command", required=True, metavar="ACTION"
     )
     p = branches.add_parser("create", help="create a branch")
@@ -193,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.set_defaults(func=cmd_branches_create)
 
-    users = sub.add_parser("users", help="manage users").add_subparsers(
+    users = sub.add_parser("users", help="manage users: create").add_subparsers(
         dest="users_command", required=True, metavar="ACTION"
     )
     p = users.add_parser("create", help="create a user (e.g. the first manager)")
@@ -225,6 +236,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except DBAPIError as exc:
+        # Unreachable server, wrong credentials, or a schema that was never migrated: say so in
+        # one line instead of a driver traceback.
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
+        print(
+            f"database error: {reason}\n"
+            "(check DATABASE_URL, and run `galley migrate` on a new database)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
