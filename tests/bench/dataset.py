@@ -14,10 +14,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import msgspec
-import pymysql
+import pymysql  # type: ignore[import-untyped]
 from sqlalchemy import select
 from sqlalchemy.engine import URL, Engine, make_url
 
@@ -98,9 +99,9 @@ def make_member(res: Resources, branch_id: str, code: str, role: str, devices: i
     for device_id in device_ids:
         run_in_transaction(
             res.engine,
-            lambda conn, d=device_id: register_device(
-                conn,
-                device_id=d,
+            partial(
+                register_device,
+                device_id=device_id,
                 user_id=user_id,
                 branch_id=branch_id,
                 platform="bench",
@@ -129,6 +130,8 @@ class World:
     reader: Member
     #: layout name -> the staff members (one per branch) whose devices push in that layout.
     pushers: dict[str, list[Member]]
+    #: A staff member with one device, in a branch of its own, for the statement counts.
+    inspector: Member
 
 
 def build_world(
@@ -146,11 +149,13 @@ def build_world(
         for i in range(branch_count):
             code = f"{name}-{i + 1}".upper()
             branch = run_in_transaction(
-                engine, lambda conn, c=code: create_branch(conn, c, f"Push branch {c}")
+                engine, partial(create_branch, code=code, name=f"Push branch {code}")
             )
             members.append(make_member(res, branch.id, code, "staff", devices_per_branch))
         pushers[name] = members
-    return World(engine, res, big.id, reader, pushers)
+    lone = run_in_transaction(engine, lambda conn: create_branch(conn, "LONE", "Lone branch"))
+    inspector = make_member(res, lone.id, "LONE", "staff", 1)
+    return World(engine, res, big.id, reader, pushers, inspector)
 
 
 def item_image(branch_id: str, n: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from domain.registry import branch_scope
 from sync_protocol import messages as m
 
+from .anatomy import push_and_pull_anatomy
 from .dataset import Member, build_world, create_floor_tables, seed_inventory, token_for
 from .floor import Throughput, idle_pull_floor, initial_sync_floor, locked_counter_floor
 from .workload import InitialSync, PushRun, ServerProcess, idle_pulls, initial_sync, push_run
@@ -51,7 +52,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--layouts", default=",".join(LAYOUTS), help=f"push layouts to run, of {list(LAYOUTS)}"
     )
     parser.add_argument(
-        "--profile", metavar="SVG", help="run the server under py-spy and write a flame graph"
+        "--profile",
+        metavar="FILE",
+        help="run the server under py-spy: a flame graph (.svg) or collapsed stacks (other)",
     )
     return parser.parse_args(argv)
 
@@ -148,11 +151,20 @@ def main(argv: list[str] | None = None) -> int:
                 floor,
             )
 
+    say("statement counts of one push and one pull (in-process)")
+    push_anatomy, pull_anatomy = push_and_pull_anatomy(
+        world.resources,
+        token_for(world.resources, world.inspector),
+        world.inspector.device_ids[0],
+        args.ops_per_change_set,
+    )
+
     for limit, run in syncs.items():
         ratio = run.rate / sync_floor.rate
         lines.append(
             Line(
-                f"initial sync, limit {limit} (rows/s, {run.pages} pages)",
+                f"initial sync, limit {limit} (rows/s, {run.pages} pages,"
+                f" {run.decoding / run.seconds:.0%} client decode)",
                 f"{run.rate:,.0f}",
                 f"{sync_floor.rate:,.0f}",
                 f"{ratio:.0%}",
@@ -202,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         f"request, 1 create + renames; floors measured in this run (see tests/bench/floor.py)"
     )
     print(f"initial sync: {syncs[m.MAX_PULL_LIMIT].verified}")
+    print(
+        f"one push of 1 change-set x {args.ops_per_change_set} ops: "
+        f"{push_anatomy.statements} statements ({push_anatomy.under_scope_lock} under the scope "
+        f"lock, the floor: 4), {push_anatomy.checkouts} pool checkouts; one up-to-date pull: "
+        f"{pull_anatomy.statements} statements, {pull_anatomy.checkouts} checkouts"
+    )
     print()
     _print(lines)
     say("done")

@@ -7,12 +7,12 @@ import random
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 import httpx
@@ -27,13 +27,14 @@ from .floor import Throughput
 from .stats import percentiles
 
 _encode = msgspec.msgpack.Encoder().encode
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServerProcess:
     """``uvicorn sync_server.asgi:app`` in a child process (one worker), configured by env.
 
-    With ``profile_to`` set the server runs under ``py-spy record`` and writes a flame graph
-    there when it stops (py-spy must be installed).
+    With ``profile_to`` set the server runs under ``py-spy record`` and writes its profile there
+    when it stops (py-spy must be on PATH).
     """
 
     def __init__(
@@ -42,10 +43,11 @@ class ServerProcess:
         self.database_url = database_url
         self.redis_url = redis_url
         self.profile_to = profile_to
+        #: Extra py-spy flags, e.g. ``--gil`` (only the thread holding the GIL: CPU hotspots).
+        self.profile_flags = os.environ.get("BENCH_PYSPY_FLAGS", "").split()
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
-        self._workdir = tempfile.TemporaryDirectory(prefix="galley-bench-")
 
     def __enter__(self) -> ServerProcess:
         env = {
@@ -72,9 +74,24 @@ class ServerProcess:
             "--no-access-log",
         ]
         if self.profile_to:
-            command = ["py-spy", "record", "-o", self.profile_to, "--", *command]
-        # A scratch working directory: no stray .env or var/ of the checkout is picked up.
-        self.process = subprocess.Popen(command, env=env, cwd=self._workdir.name)
+            # A .svg gets a flame graph; any other name the collapsed stacks, for grep and sort.
+            fmt = "flamegraph" if self.profile_to.endswith(".svg") else "raw"
+            command = [
+                "py-spy",
+                "record",
+                *self.profile_flags,
+                "-f",
+                fmt,
+                "-o",
+                self.profile_to,
+                "--",
+                *command,
+            ]
+        # From the checkout's root, as `make run` does: the editable install resolves our
+        # top-level packages as namespace packages elsewhere (their __init__ would not run).
+        # Every setting is in ``env`` (which wins over a .env file), the secret included, so
+        # nothing is written under var/.
+        self.process = subprocess.Popen(command, env=env, cwd=REPO_ROOT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -99,7 +116,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self._workdir.cleanup()
 
 
 def _free_port() -> int:
@@ -130,6 +146,8 @@ class InitialSync:
     pages: int
     cursors: dict[str, int]
     verified: str
+    #: Of ``seconds``, the time this client spent decoding pages (the rest: request to reply).
+    decoding: float
 
     @property
     def rate(self) -> float:
@@ -141,6 +159,7 @@ def initial_sync(base_url: str, token: str, device_id: str, limit: int) -> Initi
     decoder = msgspec.msgpack.Decoder(m.PullResponse)
     pages: list[m.PullResponse] = []
     cursors: dict[str, int] = {}
+    decoding = 0.0
     with _client(base_url, token) as client:
         started = time.perf_counter()
         while True:
@@ -148,14 +167,16 @@ def initial_sync(base_url: str, token: str, device_id: str, limit: int) -> Initi
             response = client.post("/sync/v1/pull", content=_encode(request))
             if response.status_code != 200:
                 raise RuntimeError(f"pull failed: {response.status_code} {response.content!r}")
+            decode_started = time.perf_counter()
             page = decoder.decode(response.content)
+            decoding += time.perf_counter() - decode_started
             pages.append(page)
             cursors = page.cursors
             if not page.has_more:
                 break
         elapsed = time.perf_counter() - started
     rows = sum(len(p.changes) for p in pages)
-    return InitialSync(rows, elapsed, len(pages), cursors, _verify(pages))
+    return InitialSync(rows, elapsed, len(pages), cursors, _verify(pages), decoding)
 
 
 def _verify(pages: list[m.PullResponse]) -> str:
