@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from sync_server import account_tables  # noqa: F401  (registers its tables on metadata)
 from sync_server.db import create_db_engine
 from sync_server.settings import load_settings
 from sync_server.tables import metadata

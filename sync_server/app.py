@@ -12,9 +12,14 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route
 
+import api
+from api.headers import SecurityHeaders
+
 from . import errors, sync_http
+from .authn import AUTHENTICATED, PUBLIC, declare_access
 from .health import healthz, readyz
 from .resources import Resources, build_resources
 from .settings import Settings, load_settings
@@ -22,11 +27,18 @@ from .settings import Settings, load_settings
 log = logging.getLogger("galley.app")
 
 
+# Every route declares its access (see authn.declare_access; a test walks the routes). The sync
+# endpoints authenticate the bearer token themselves and serve any active user.
+declare_access(PUBLIC, healthz, readyz)
+declare_access(AUTHENTICATED, sync_http.register, sync_http.push_endpoint, sync_http.pull_endpoint)
+
+
 def _routes() -> list[BaseRoute]:
     return [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Mount("/sync/v1", routes=sync_http.routes()),
+        Mount("/api/v1", routes=api.routes()),
     ]
 
 
@@ -47,6 +59,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
     app = Starlette(
         routes=_routes(),
         lifespan=lifespan,
+        middleware=[Middleware(SecurityHeaders)],
         exception_handlers={
             errors.ApiError: errors.handle_api_error,
             HTTPException: errors.handle_http_exception,

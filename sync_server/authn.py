@@ -7,7 +7,9 @@ password change, deactivation), is refused at once rather than when the token ex
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
@@ -15,6 +17,7 @@ from starlette.requests import Request
 
 from domain.roles import Role, parse_role
 
+from .account_tables import refresh_tokens
 from .errors import ApiError
 from .resources import Resources
 from .tables import branches, user_branches, users
@@ -56,6 +59,16 @@ def load_identity(conn: Connection, claims: AccessClaims) -> Identity:
         raise _unauthenticated("This account is not active.")
     if row.token_epoch != claims.epoch:
         raise _unauthenticated("This token has been revoked; sign in again.")
+    # An access token issued with a refresh token dies with its session (logout, refresh-token
+    # reuse), not 15 minutes later. Tokens minted outside a session (CLI) have no row.
+    revoked = conn.execute(
+        select(refresh_tokens.c.id)
+        .where(refresh_tokens.c.access_jti == claims.token_id)
+        .where(refresh_tokens.c.revoked_at.is_not(None))
+        .limit(1)
+    ).first()
+    if revoked is not None:
+        raise _unauthenticated("This session has been signed out; sign in again.")
     role = parse_role(row.role)
     if role is Role.ADMIN:
         branch_ids = frozenset(conn.execute(select(branches.c.id)).scalars())
@@ -86,3 +99,24 @@ def authenticate(request: Request) -> Identity:
         identity = load_identity(conn, claims)
         conn.rollback()
     return identity
+
+
+# Every route declares what it needs: a permission slug (seeded by the migrations, see
+# ``role_permissions``), ``AUTHENTICATED`` (any signed-in, active user; the endpoint authenticates
+# itself) or ``PUBLIC``. The declaration is an attribute on the endpoint function, so it works for
+# any starlette ``Route``; tests walk the app's routes and fail on an undeclared one.
+PUBLIC = "public"
+AUTHENTICATED = "authenticated"
+_ACCESS_ATTRIBUTE = "__galley_access__"
+
+
+def declare_access(access: str, *endpoints: Callable[..., Any]) -> None:
+    """Record that ``endpoints`` need ``access`` (a permission slug, AUTHENTICATED or PUBLIC)."""
+    for endpoint in endpoints:
+        setattr(endpoint, _ACCESS_ATTRIBUTE, access)
+
+
+def declared_access(endpoint: Callable[..., Any]) -> str | None:
+    """What ``endpoint`` declared with :func:`declare_access`, or None when it forgot."""
+    value = getattr(endpoint, _ACCESS_ATTRIBUTE, None)
+    return value if isinstance(value, str) else None

@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import delete, text
 from sqlalchemy.engine import Engine, make_url
 
-from sync_server import migrate
+from sync_server import account_tables, migrate  # noqa: F401  (account_tables joins metadata)
 from sync_server.db import create_db_engine
 from sync_server.resources import Resources, build_resources
 from sync_server.settings import Settings
@@ -56,10 +56,16 @@ def make_settings(database_url: str, redis_url: str | None = None, **overrides: 
     return Settings(**values)
 
 
+#: Reference data seeded by the migrations (the RBAC catalogue): kept between tests.
+SEEDED_TABLES = {"permissions", "role_permissions"}
+
+
 def clean_database(engine: Engine) -> None:
     """Empty every application table (children first), keeping the schema and alembic_version."""
     with engine.begin() as conn:
         for table in reversed(metadata.sorted_tables):
+            if table.name in SEEDED_TABLES:
+                continue
             conn.execute(delete(table))
 
 

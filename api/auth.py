@@ -1,0 +1,215 @@
+"""``/auth``: password sign-in, refresh-token rotation and sign-out.
+
+Sign-in attempts are rate limited per IP and per account and, after repeated failures, the
+account is locked for a while (``sync_server.ratelimit``); every attempt, success or failure, and
+every lockout is audited. An unknown account costs the same password-hash time as a known one and
+gets the same answer, so the endpoint does not reveal who has an account.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Connection
+
+from sync_server import audit
+from sync_server.account_tables import refresh_tokens
+from sync_server.db import run_in_transaction
+from sync_server.errors import ApiError
+from sync_server.passwords import DUMMY_HASH, hash_password, needs_rehash, verify_password
+from sync_server.ratelimit import too_many
+from sync_server.tables import devices, users
+
+from . import schemas, sessions
+from .contract import Context, Reply
+from .users import load_user, session_reply
+from .v1 import api
+
+
+def _invalid_credentials() -> ApiError:
+    return ApiError(401, "invalid_credentials", "The email/username or password is not correct.")
+
+
+def check_lockout(ctx: Context, account_key: str, subject: str | None) -> None:
+    """Refuse (429, audited) while the account is locked after repeated failures."""
+    locked = ctx.limiter.blocked(ctx.limiter.policy.lockout, "lockout", account_key)
+    if not locked.allowed:
+        audit.record_now(
+            ctx.resources.engine,
+            audit.LOGIN_FAILED,
+            outcome="locked",
+            subject=subject,
+            ip=ctx.ip,
+            details={"reason": "account_locked"},
+            now=ctx.now,
+        )
+        raise too_many(
+            locked.retry_after,
+            "account_locked",
+            f"Too many failed attempts; try again in {locked.retry_after} seconds.",
+        )
+
+
+def count_failure(ctx: Context, account_key: str, subject: str | None, method: str) -> None:
+    """Record a failed attempt (audited); the attempt that reaches the limit locks the account."""
+    policy = ctx.limiter.policy
+    ctx.limiter.hit(policy.lockout, "lockout", account_key)
+    now_locked = not ctx.limiter.blocked(policy.lockout, "lockout", account_key).allowed
+
+    def work(conn: Connection) -> None:
+        audit.record(
+            conn,
+            audit.LOGIN_FAILED,
+            outcome="failure",
+            subject=subject,
+            ip=ctx.ip,
+            details={"method": method, "known_account": subject is not None},
+            now=ctx.now,
+        )
+        if now_locked:
+            audit.record(
+                conn,
+                audit.ACCOUNT_LOCKED,
+                outcome="locked",
+                subject=subject,
+                ip=ctx.ip,
+                details={"method": method, "policy": policy.lockout},
+                now=ctx.now,
+            )
+
+    run_in_transaction(ctx.resources.engine, work)
+
+
+def _check_device(conn: Connection, device_id: str | None, user_id: str) -> None:
+    if device_id is None:
+        return
+    owner = conn.execute(select(devices.c.user_id).where(devices.c.id == device_id)).scalar()
+    if owner is not None and owner != user_id:
+        raise ApiError(
+            409,
+            "device_owned_by_other_user",
+            "This device id belongs to another user.",
+            {"device_id": ["belongs to another user"]},
+        )
+
+
+@api.operation(
+    "POST",
+    "/auth/login",
+    access="public",
+    summary="Sign in with email or username and password",
+    tag="auth",
+    body=schemas.LoginRequest,
+    response=schemas.Session,
+    errors=(401, 429),
+)
+def login(ctx: Context, body: schemas.LoginRequest) -> Reply:
+    if (body.email is None) == (body.username is None):
+        raise ApiError(
+            422,
+            "validation_error",
+            "Send either email or username.",
+            {"email": ["exactly one of email or username is required"]},
+        )
+    identifier = (body.email or body.username or "").strip().lower()
+    policy = ctx.limiter.policy
+    ctx.limiter.enforce(policy.login_per_ip, "login-ip", ctx.ip)
+    ctx.limiter.enforce(policy.login_per_account, "login-account", identifier)
+    column = users.c.email if body.email is not None else users.c.username
+    with ctx.resources.engine.connect() as conn:
+        row = conn.execute(
+            select(users.c.id, users.c.password_hash, users.c.is_active).where(
+                column == identifier if body.email is not None else column == body.username
+            )
+        ).first()
+        conn.rollback()
+    subject = row.id if row is not None else None
+    check_lockout(ctx, identifier, subject)
+    password_ok = verify_password(row.password_hash if row else DUMMY_HASH, body.password)
+    if row is None or not password_ok or not row.is_active:
+        count_failure(ctx, identifier, subject, "password")
+        raise _invalid_credentials()
+    ctx.limiter.clear(policy.lockout, "lockout", identifier)
+    user_id: str = row.id
+    rehash = hash_password(body.password) if needs_rehash(row.password_hash) else None
+
+    def work(conn: Connection) -> tuple[sessions.Tokens, schemas.User]:
+        _check_device(conn, body.device_id, user_id)
+        values: dict[str, object] = {"last_password_login_at": ctx.now}
+        if rehash is not None:
+            values["password_hash"] = rehash
+        conn.execute(update(users).where(users.c.id == user_id).values(**values))
+        tokens = sessions.issue(
+            conn,
+            ctx.resources,
+            user_id,
+            method=sessions.PASSWORD,
+            now=ctx.now,
+            device_id=body.device_id.lower() if body.device_id else None,
+        )
+        audit.record(
+            conn,
+            audit.LOGIN_SUCCEEDED,
+            actor=user_id,
+            subject=user_id,
+            ip=ctx.ip,
+            details={"method": sessions.PASSWORD, "family_id": tokens.family_id},
+            now=ctx.now,
+        )
+        user = load_user(conn, ctx.resources.cipher, user_id)
+        assert user is not None
+        return tokens, user
+
+    tokens, user = run_in_transaction(ctx.resources.engine, work)
+    return session_reply(tokens, user)
+
+
+@api.operation(
+    "POST",
+    "/auth/refresh",
+    access="public",
+    summary="Exchange a refresh token for a new pair (the presented one is rotated)",
+    tag="auth",
+    body=schemas.RefreshRequest,
+    response=schemas.Session,
+    errors=(401, 429),
+)
+def refresh(ctx: Context, body: schemas.RefreshRequest) -> Reply:
+    ctx.limiter.enforce(ctx.limiter.policy.refresh_per_ip, "refresh-ip", ctx.ip)
+    user_id, tokens = sessions.rotate(ctx.resources, body.refresh_token, ip=ctx.ip, now=ctx.now)
+    with ctx.resources.engine.connect() as conn:
+        user = load_user(conn, ctx.resources.cipher, user_id)
+        conn.rollback()
+    assert user is not None
+    return session_reply(tokens, user)
+
+
+@api.operation(
+    "POST",
+    "/auth/logout",
+    access="authenticated",
+    summary="Sign out: revoke the session of the given refresh token (and its access tokens)",
+    tag="auth",
+    body=schemas.LogoutRequest,
+    status=204,
+    transactional=True,
+    errors=(401,),
+)
+def logout(ctx: Context, body: schemas.LogoutRequest, conn: Connection) -> Reply:
+    row = conn.execute(
+        select(refresh_tokens.c.family_id, refresh_tokens.c.user_id).where(
+            refresh_tokens.c.token_hash == sessions.digest(body.refresh_token)
+        )
+    ).first()
+    if row is None or row.user_id != ctx.user.user_id:
+        raise sessions.invalid_refresh()
+    revoked = sessions.revoke_family(conn, row.family_id, "logout", ctx.now)
+    audit.record(
+        conn,
+        audit.LOGOUT,
+        actor=ctx.user.user_id,
+        subject=ctx.user.user_id,
+        ip=ctx.ip,
+        details={"family_id": row.family_id, "sessions_revoked": revoked},
+        now=ctx.now,
+    )
+    return Reply(status=204)

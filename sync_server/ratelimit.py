@@ -1,0 +1,92 @@
+"""Rate limits and temporary lockouts for the sign-in endpoints, on the ``limits`` library.
+
+Counters live in Redis when ``REDIS_URL`` is configured, so every server process shares them; in
+process memory otherwise (the single-process embedded mode). The moving-window strategy counts
+exactly the hits of the last window, so ``Retry-After`` is the time until the oldest one ages out.
+
+A lockout is a limit on *failures* per account: once ``lockout`` failed attempts fall inside the
+window, further attempts are refused until the window moves on, even with the right password.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItem, parse
+from limits.storage import Storage, storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+
+from .errors import ApiError
+
+
+@dataclass(frozen=True)
+class RatePolicy:
+    """The limits, in ``limits`` notation ("N per period")."""
+
+    login_per_ip: str = "30/minute"
+    login_per_account: str = "10/minute"
+    refresh_per_ip: str = "60/minute"
+    biometric_per_ip: str = "30/minute"
+    biometric_per_device: str = "10/minute"
+    #: Failed password or biometric attempts per account before a temporary lockout.
+    lockout: str = "5/15 minutes"
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    retry_after: int  # seconds; 0 when allowed
+
+
+class RateLimiter:
+    """Hit counters keyed by a namespace and an identifier (an IP, an account, a device)."""
+
+    def __init__(self, storage_url: str | None, policy: RatePolicy | None = None) -> None:
+        storage = (
+            storage_from_string(storage_url, key_prefix="galley-limits")
+            if storage_url
+            else storage_from_string("memory://")
+        )
+        assert isinstance(storage, Storage)  # the synchronous flavour, for the thread pool
+        self.storage = storage
+        self._limiter = MovingWindowRateLimiter(self.storage)
+        self.policy = policy or RatePolicy()
+
+    def _retry_after(self, item: RateLimitItem, *keys: str) -> int:
+        stats = self._limiter.get_window_stats(item, *keys)
+        return max(1, math.ceil(stats.reset_time - time.time()))
+
+    def hit(self, rule: str, *keys: str) -> Decision:
+        """Count one attempt; refused when the limit was already reached."""
+        item = parse(rule)
+        if self._limiter.hit(item, *keys):
+            return Decision(True, 0)
+        return Decision(False, self._retry_after(item, *keys))
+
+    def blocked(self, rule: str, *keys: str) -> Decision:
+        """Whether the limit is reached, without counting an attempt."""
+        item = parse(rule)
+        if self._limiter.test(item, *keys):
+            return Decision(True, 0)
+        return Decision(False, self._retry_after(item, *keys))
+
+    def clear(self, rule: str, *keys: str) -> None:
+        self._limiter.clear(parse(rule), *keys)
+
+    def enforce(self, rule: str, *keys: str) -> None:
+        """Count one attempt and raise a 429 with ``Retry-After`` when over the limit."""
+        decision = self.hit(rule, *keys)
+        if not decision.allowed:
+            raise too_many(decision.retry_after)
+
+
+def too_many(retry_after: int, code: str = "rate_limited", message: str | None = None) -> ApiError:
+    return ApiError(
+        429,
+        code,
+        message or f"Too many attempts; try again in {retry_after} seconds.",
+        {"_": [f"retry after {retry_after} seconds"]},
+        headers={"Retry-After": str(retry_after)},
+    )
