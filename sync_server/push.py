@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from conflict.planner import OpIssue, Plan, plan_change_set, touched_keys
+from domain.fields import Field
 from domain.ops import CreateOp, DeleteOp, IntentOp, Op, PatchOp, Principal, RowState
 from domain.registry import Registry
 from sync_protocol import messages as m
@@ -46,14 +47,32 @@ class SeqGap:
     expected: int
 
 
-def to_domain_op(op: m.Op) -> Op:
+def _canonical(fields: Mapping[str, Field], values: dict[str, Any]) -> dict[str, Any]:
+    # Ids are stored lower-case: an upper-case branch id must lock and write the same scope
+    # (step 4), and an upper-case reference must find the same row. Invalid values are left
+    # as they are for the planner to refuse.
+    return {
+        name: value.lower()
+        if isinstance(value, str) and name in fields and fields[name].kind == "uuid"
+        else value
+        for name, value in values.items()
+    }
+
+
+def to_domain_op(op: m.Op, registry: Registry) -> Op:
+    """The wire op as a domain op, with every id in its canonical (lower-case) spelling."""
+    if isinstance(op, m.Intent):
+        intent = registry.intents.get(op.name)
+        return IntentOp(op.name, _canonical(intent.args, op.args) if intent else op.args)
+    spec = registry.entity(op.entity)
     if isinstance(op, m.Create):
-        return CreateOp(op.entity, op.id.lower(), op.fields)
+        return CreateOp(
+            op.entity, op.id.lower(), _canonical(spec.fields, op.fields) if spec else op.fields
+        )
     if isinstance(op, m.Patch):
-        return PatchOp(op.entity, op.id.lower(), op.base_version, op.fields)
-    if isinstance(op, m.Delete):
-        return DeleteOp(op.entity, op.id.lower(), op.base_version)
-    return IntentOp(op.name, op.args)
+        fields = _canonical(spec.fields, op.fields) if spec else op.fields
+        return PatchOp(op.entity, op.id.lower(), op.base_version, fields)
+    return DeleteOp(op.entity, op.id.lower(), op.base_version)
 
 
 def _scopes_to_lock(
@@ -201,7 +220,7 @@ def apply_change_set(
         )
 
     # Step 4: find and lock the scopes the ops write, in sorted order, then read the rows.
-    ops = [to_domain_op(op) for op in change_set.ops]
+    ops = [to_domain_op(op, registry) for op in change_set.ops]
     keys = touched_keys(ops, registry)
     changelog = ChangeLog(conn, now)
     before = changelog.load_rows(keys)

@@ -28,6 +28,7 @@ from tests.syncing import (
     patch,
     post,
     push_body,
+    scope_heads,
     server_rows,
     snapshot,
 )
@@ -442,3 +443,26 @@ def test_a_duplicate_sku_in_the_branch_becomes_a_conflict(
     assert outcome["status"] == "applied_with_conflicts"
     assert conflict_rows(db)[outcome["conflicts"][0]].kind == "unique_violation"
     assert ("inventory_items", dup) not in server_rows(db)
+
+
+def test_ids_spelt_in_upper_case_name_the_same_rows_and_branches(
+    client: Any, db: Engine, kitchen: Kitchen
+) -> None:
+    inv, menu = new_id(), new_id()
+    outcome = push(
+        client,
+        kitchen.manager,
+        create("inventory_items", inv.upper(), **item(branch_id=kitchen.branch.upper())),
+        create("menu_items", menu.upper(), **dish()),
+    )
+    assert outcome["status"] == "applied", outcome
+    assert row(db, "inventory_items", inv)["scope"] == f"branch:{kitchen.branch}"
+    assert set(scope_heads(db)) == {
+        "org",
+        f"branch:{kitchen.branch}",
+        f"branch:{kitchen.other_branch}",
+    }
+
+    sold_out = push(client, kitchen.staff, intent("menu.mark_sold_out", menu_item_id=menu.upper()))
+    assert sold_out["status"] == "applied", sold_out
+    assert row(db, "menu_items", menu)["data"]["available"] is False
