@@ -237,8 +237,8 @@ class _Planner:
         data = {**cur.data, **values}
         for group, owner in self._unique_clash(spec, cur.id, cur.scope, data, touched).items():
             proposed = {name: values.pop(name) for name in group if name in values}
-            server = {name: cur.data.get(name) for name in proposed}
-            self._conflict(i, cur, "unique_violation", base, proposed, {**server, "held_by": owner})
+            server = {"unique": ", ".join(group), "held_by": owner}
+            self._conflict(i, cur, "unique_violation", base, proposed, server)
 
     def _write(
         self,
@@ -435,6 +435,10 @@ class _Planner:
             return
         if cur.deleted:
             return  # deleting twice is still deleted
+        if cur.version and op.base_version > cur.version:
+            message = f"base_version {op.base_version} is newer than the row ({cur.version})"
+            self._refuse(i, "invalid_base_version", message)
+            return
         # ``cur.version`` is the server's version before this change-set (see ``_write``), so
         # the device's own earlier edits in the change-set do not hide someone else's.
         if spec.merge is MergePolicy.FLAG and cur.version > op.base_version:

@@ -20,6 +20,11 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
 
+def is_uuid(value: object) -> bool:
+    """Whether ``value`` is a UUID in the 8-4-4-4-12 form of the wire protocol (any case)."""
+    return isinstance(value, str) and _UUID.fullmatch(value) is not None
+
+
 @dataclass(frozen=True)
 class FieldError:
     """Why a value was refused: ``code`` is machine-readable (``required``, ``wrong_type``,
@@ -54,7 +59,7 @@ class Field:
             if not isinstance(value, str):
                 return FieldError(name, "wrong_type", f"{name} must be a string")
             if self.kind == "uuid":
-                if _UUID.fullmatch(value) is None:
+                if not is_uuid(value):
                     return FieldError(name, "invalid", f"{name} must be a UUID")
                 return None
             # Choices first: "dozen" for a unit is not a valid choice, not merely too long.

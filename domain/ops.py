@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .fields import Value
+from .fields import Value, is_uuid
 from .registry import ORG_SCOPE, scope_branch
 from .roles import Role
 
@@ -51,10 +51,20 @@ class Principal:
     device_branch_id: str | None = None
 
     def may_access(self, scope: str) -> bool:
-        if scope == ORG_SCOPE or self.role is Role.ADMIN:
+        """Whether this user may read and write rows of ``scope``.
+
+        Everyone reaches the organisation scope; an admin every branch; others their own.
+        Even an admin reaches only well-formed branch scopes: the engine locks (and so
+        creates) a scope's counter before the planner validates the ops that name it.
+        """
+        if scope == ORG_SCOPE:
             return True
         branch = scope_branch(scope)
-        return branch is not None and branch in self.branch_ids
+        if branch is None:
+            return False
+        if self.role is Role.ADMIN:
+            return is_uuid(branch) and branch == branch.lower()
+        return branch in self.branch_ids
 
 
 @dataclass(frozen=True)

@@ -126,12 +126,16 @@ class EntitySpec:
         )
 
     def scope_of(self, data: Mapping[str, Any]) -> str | None:
-        """The scope a row with ``data`` belongs to (None: data does not say)."""
+        """The scope a row with ``data`` belongs to (None: data does not say).
+
+        The branch id is lower-cased, as the planner stores it: the engine locks the scopes of
+        creates from the raw ops, and must lock the scope the planner then writes to.
+        """
         if self.scope_kind == ORG_SCOPE:
             return ORG_SCOPE
         assert self.scope_field is not None
         branch = data.get(self.scope_field)
-        return branch_scope(branch) if isinstance(branch, str) else None
+        return branch_scope(branch.lower()) if isinstance(branch, str) else None
 
     def unique_key(self, group: tuple[str, ...], data: Mapping[str, Any]) -> tuple[Any, ...] | None:
         """The values of a unique ``group`` in ``data``, as compared for uniqueness.

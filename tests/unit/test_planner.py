@@ -550,7 +550,7 @@ def test_changing_a_sku_to_a_taken_one_withholds_only_the_sku() -> None:
     result = plan([patch("inventory_items", item, 2, sku="sugar-1", name="Rye")], rows=rows)
     conflict = only_conflict(result)
     assert (conflict.kind, conflict.proposed) == ("unique_violation", {"sku": "sugar-1"})
-    assert conflict.server_state == {"sku": "FLOUR-25", "held_by": holder}
+    assert conflict.server_state == {"unique": "sku", "held_by": holder}
     write = result.writes[("inventory_items", item)]
     assert write.changed == {"name"}
     assert write.data is not None and write.data["sku"] == "FLOUR-25"
@@ -629,6 +629,14 @@ def test_under_flag_the_devices_own_edit_does_not_hide_a_concurrent_one_from_its
     ops: list[Op] = [patch("menu_items", dish, 3, available=False), delete("menu_items", dish, 3)]
     result = plan(ops, rows=rows_of(server))
     assert only_conflict(result).kind == "delete_modified"
+
+
+def test_a_delete_from_a_base_newer_than_the_row_is_refused() -> None:
+    item = new_id()
+    rows = rows_of(item_row(item, version=3))
+    assert only_error(plan([delete("inventory_items", item, 4)], rows=rows)).code == (
+        "invalid_base_version"
+    )
 
 
 def test_under_field_lww_a_stale_delete_deletes() -> None:

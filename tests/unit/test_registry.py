@@ -180,6 +180,20 @@ def test_a_user_reaches_the_organisation_and_their_own_branches() -> None:
 def test_an_admin_reaches_every_branch() -> None:
     admin = Principal("u", Role.ADMIN, frozenset(), None)
     assert admin.may_access(branch_scope(OTHER))
+    assert admin.may_access(ORG_SCOPE)
+
+
+@pytest.mark.parametrize(
+    "scope",
+    ["elsewhere", "branch:", "branch:kitchen", f"branch:{OTHER.upper()}", f"branch:{{{OTHER}}}"],
+)
+def test_not_even_an_admin_reaches_a_malformed_scope(scope: str) -> None:
+    # The engine locks, and so creates, the counter of any scope it is allowed to reach.
+    assert not Principal("u", Role.ADMIN, frozenset(), None).may_access(scope)
+
+
+def test_the_scope_of_a_row_names_its_branch_in_lower_case() -> None:
+    assert INVENTORY_ITEMS.scope_of({"branch_id": BRANCH.upper()}) == f"branch:{BRANCH}"
 
 
 def test_roles_parse_from_their_names_only() -> None:
