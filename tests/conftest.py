@@ -138,13 +138,34 @@ def db(request: pytest.FixtureRequest) -> Engine:
     return engine
 
 
-@pytest.fixture
-def redis_client() -> Iterator[Any]:
+def _redis_url_for_worker(worker: str) -> str:
+    """xdist worker gwN gets Redis database (configured + N), so that one worker's FLUSHDB never
+    empties another's queue. (Pub/sub channels are server-wide: tests name theirs uniquely.)"""
+    from urllib.parse import urlsplit, urlunsplit
+
+    assert TEST_REDIS_URL is not None
+    parts = urlsplit(TEST_REDIS_URL)
+    base = int(parts.path.strip("/") or 0)
+    number = base + int(worker.removeprefix("gw") or 0)
+    if number > 15:
+        pytest.fail(f"TEST_REDIS_URL database {base} + xdist worker {worker} exceeds 15")
+    return urlunsplit(parts._replace(path=f"/{number}"))
+
+
+@pytest.fixture(scope="session")
+def redis_url(worker_id_suffix: str) -> str:
+    """This worker's Redis URL (see :func:`_redis_url_for_worker`)."""
     if not TEST_REDIS_URL:
         _not_configured("TEST_REDIS_URL")
+    return _redis_url_for_worker(worker_id_suffix)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[Any]:
+    """A client on this worker's Redis database, flushed before and after the test."""
     import redis
 
-    client = redis.Redis.from_url(TEST_REDIS_URL)  # type: ignore[arg-type]
+    client = redis.Redis.from_url(redis_url)
     try:
         client.ping()
     except redis.RedisError as exc:

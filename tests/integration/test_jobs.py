@@ -30,7 +30,7 @@ from sync_server.db import run_in_transaction
 from sync_server.directory import utcnow
 from sync_server.settings import Settings
 from sync_server.tables import sync_rows, sync_scopes
-from tests.conftest import TEST_REDIS_URL, TEST_SECRET, make_settings
+from tests.conftest import TEST_SECRET, make_settings
 
 
 @dataclass(frozen=True)
@@ -110,10 +110,10 @@ def test_without_redis_the_queue_is_a_sqlite_file_and_runs_the_compaction(
 
 @pytest.mark.integration
 def test_with_redis_the_queue_is_redis_and_runs_the_compaction(
-    db: Engine, tmp_path: Path, redis_client: Any
+    db: Engine, tmp_path: Path, redis_client: Any, redis_url: str
 ) -> None:
     history = _write_history(db)
-    huey = build_huey(_settings(db, tmp_path, TEST_REDIS_URL))
+    huey = build_huey(_settings(db, tmp_path, redis_url))
     assert isinstance(huey, RedisHuey)
 
     result = task_named(huey, "compact_tombstones")()
@@ -176,7 +176,7 @@ def stack(request: pytest.FixtureRequest) -> Stack:
         clean_database(engine)
         return Stack(engine, None)
     request.getfixturevalue("redis_client")  # skips/fails when not configured; flushed
-    return Stack(request.getfixturevalue("mysql_engine"), TEST_REDIS_URL)
+    return Stack(request.getfixturevalue("mysql_engine"), request.getfixturevalue("redis_url"))
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,13 +68,18 @@ def _redis_backend(url: str) -> Iterator[Backend]:
 
 
 @pytest.fixture
-def redis_backend(redis_client: Any) -> Iterator[Backend]:
-    """RedisPubSub instances on the test Redis database (each with its own client, like
-    separate server processes)."""
-    from tests.conftest import TEST_REDIS_URL
+def redis_backend(redis_client: Any, redis_url: str) -> Iterator[Backend]:
+    """RedisPubSub instances on the test Redis (each with its own client, like separate server
+    processes)."""
+    yield from _redis_backend(redis_url)
 
-    assert TEST_REDIS_URL is not None
-    yield from _redis_backend(TEST_REDIS_URL)
+
+@pytest.fixture
+def ch() -> Callable[[str], str]:
+    """Channel names unique to the test: Redis pub/sub is server-wide (not per database), and
+    other test processes may be publishing at the same time."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    return lambda name: prefix + name
 
 
 @pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.integration)])
@@ -92,116 +98,139 @@ def _collector() -> tuple[Received, Callable[[str, bytes], None]]:
     return received, lambda channel, message: received.put((channel, message))
 
 
-def test_a_subscriber_receives_what_is_published_on_its_channel(backend: Backend) -> None:
+def test_a_subscriber_receives_what_is_published_on_its_channel(
+    backend: Backend, ch: Callable[[str], str]
+) -> None:
+    org = ch("galley:scope:org")
+    other = ch("galley:scope:other")
     bus = backend.new()
     received, handler = _collector()
-    bus.subscribe("galley:scope:org", handler)
-    backend.wait_subscribed("galley:scope:org", 1)
+    bus.subscribe(org, handler)
+    backend.wait_subscribed(org, 1)
 
-    bus.publish("galley:scope:other", b"1")
-    bus.publish("galley:scope:org", b"42")
+    bus.publish(other, b"1")
+    bus.publish(org, b"42")
 
-    assert received.get(timeout=5) == ("galley:scope:org", b"42")
+    assert received.get(timeout=5) == (org, b"42")
     assert received.empty(), "nothing from the other channel"
 
 
-def test_every_subscriber_of_a_channel_receives_each_message(backend: Backend) -> None:
+def test_every_subscriber_of_a_channel_receives_each_message(
+    backend: Backend, ch: Callable[[str], str]
+) -> None:
+    c = ch("c")
     bus = backend.new()
     first, first_handler = _collector()
     second, second_handler = _collector()
-    bus.subscribe("c", first_handler)
-    bus.subscribe("c", second_handler)
-    backend.wait_subscribed("c", 1)
+    bus.subscribe(c, first_handler)
+    bus.subscribe(c, second_handler)
+    backend.wait_subscribed(c, 1)
 
-    bus.publish("c", b"v1")
-    bus.publish("c", b"v2")
+    bus.publish(c, b"v1")
+    bus.publish(c, b"v2")
 
-    assert [first.get(timeout=5), first.get(timeout=5)] == [("c", b"v1"), ("c", b"v2")]
-    assert [second.get(timeout=5), second.get(timeout=5)] == [("c", b"v1"), ("c", b"v2")]
+    assert [first.get(timeout=5), first.get(timeout=5)] == [(c, b"v1"), (c, b"v2")]
+    assert [second.get(timeout=5), second.get(timeout=5)] == [(c, b"v1"), (c, b"v2")]
 
 
-def test_unsubscribing_stops_delivery_to_that_handler_only(backend: Backend) -> None:
+def test_unsubscribing_stops_delivery_to_that_handler_only(
+    backend: Backend, ch: Callable[[str], str]
+) -> None:
+    c = ch("c")
     bus = backend.new()
     gone, gone_handler = _collector()
     stays, stays_handler = _collector()
-    unsubscribe = bus.subscribe("c", gone_handler)
-    bus.subscribe("c", stays_handler)
-    backend.wait_subscribed("c", 1)
+    unsubscribe = bus.subscribe(c, gone_handler)
+    bus.subscribe(c, stays_handler)
+    backend.wait_subscribed(c, 1)
 
     unsubscribe()
-    bus.publish("c", b"after")
+    bus.publish(c, b"after")
 
     # Both handlers of a message are called together: once the remaining one has it, the
     # unsubscribed one would have had it too.
-    assert stays.get(timeout=5) == ("c", b"after")
+    assert stays.get(timeout=5) == (c, b"after")
     assert gone.empty()
 
 
-def test_the_last_unsubscribe_releases_the_channel(backend: Backend) -> None:
+def test_the_last_unsubscribe_releases_the_channel(
+    backend: Backend, ch: Callable[[str], str]
+) -> None:
+    c = ch("c")
     bus = backend.new()
     received, handler = _collector()
-    unsubscribe = bus.subscribe("c", handler)
-    backend.wait_subscribed("c", 1)
+    unsubscribe = bus.subscribe(c, handler)
+    backend.wait_subscribed(c, 1)
 
     unsubscribe()
     unsubscribe()  # idempotent
-    backend.wait_subscribed("c", 0)
+    backend.wait_subscribed(c, 0)
 
     # And the channel can be subscribed again.
-    bus.subscribe("c", handler)
-    backend.wait_subscribed("c", 1)
-    bus.publish("c", b"again")
-    assert received.get(timeout=5) == ("c", b"again")
+    bus.subscribe(c, handler)
+    backend.wait_subscribed(c, 1)
+    bus.publish(c, b"again")
+    assert received.get(timeout=5) == (c, b"again")
 
 
 def test_a_failing_handler_neither_reaches_the_publisher_nor_starves_the_others(
-    backend: Backend,
+    backend: Backend, ch: Callable[[str], str]
 ) -> None:
+    c = ch("c")
     bus = backend.new()
     received, handler = _collector()
 
     def broken(channel: str, message: bytes) -> None:
         raise RuntimeError("subscriber bug")
 
-    bus.subscribe("c", broken)
-    bus.subscribe("c", handler)
-    backend.wait_subscribed("c", 1)
+    bus.subscribe(c, broken)
+    bus.subscribe(c, handler)
+    backend.wait_subscribed(c, 1)
 
-    bus.publish("c", b"1")  # does not raise
-    bus.publish("c", b"2")
+    bus.publish(c, b"1")  # does not raise
+    bus.publish(c, b"2")
 
-    assert [received.get(timeout=5), received.get(timeout=5)] == [("c", b"1"), ("c", b"2")]
+    assert [received.get(timeout=5), received.get(timeout=5)] == [(c, b"1"), (c, b"2")]
 
 
-def test_closing_stops_delivery(backend: Backend) -> None:
+def test_closing_stops_delivery(backend: Backend, ch: Callable[[str], str]) -> None:
+    c = ch("c")
     bus = backend.new()
     other = backend.new() if backend.name == "redis" else bus
     received, handler = _collector()
-    bus.subscribe("c", handler)
-    backend.wait_subscribed("c", 1)
+    bus.subscribe(c, handler)
+    backend.wait_subscribed(c, 1)
 
     bus.close()
-    backend.wait_subscribed("c", 0)
-    other.publish("c", b"late")
+    backend.wait_subscribed(c, 0)
+    other.publish(c, b"late")
 
     time.sleep(0.2)
     assert received.empty()
 
 
 @pytest.mark.integration
-def test_two_processes_on_redis_both_hear_a_publish_from_either(redis_backend: Backend) -> None:
+def test_two_processes_on_redis_both_hear_a_publish_from_either(
+    redis_backend: Backend, ch: Callable[[str], str]
+) -> None:
+    branch_x = ch("galley:scope:branch:x")
     backend = redis_backend
     web_1, web_2 = backend.new(), backend.new()
     heard_1, handler_1 = _collector()
     heard_2, handler_2 = _collector()
-    web_1.subscribe("galley:scope:branch:x", handler_1)
-    web_2.subscribe("galley:scope:branch:x", handler_2)
-    backend.wait_subscribed("galley:scope:branch:x", 2)
+    web_1.subscribe(branch_x, handler_1)
+    web_2.subscribe(branch_x, handler_2)
+    backend.wait_subscribed(branch_x, 2)
 
-    web_1.publish("galley:scope:branch:x", b"7")
+    web_1.publish(branch_x, b"7")
 
-    assert heard_1.get(timeout=5) == ("galley:scope:branch:x", b"7")
-    assert heard_2.get(timeout=5) == ("galley:scope:branch:x", b"7")
+    assert heard_1.get(timeout=5) == (branch_x, b"7")
+    assert heard_2.get(timeout=5) == (branch_x, b"7")
+
+    web_2.publish(branch_x, b"8")
+
+    assert heard_1.get(timeout=5) == (branch_x, b"8")
+    assert heard_2.get(timeout=5) == (branch_x, b"8")
 
 
 def test_publishing_while_redis_is_unreachable_loses_the_hint_but_does_not_raise() -> None:
