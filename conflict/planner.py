@@ -229,16 +229,20 @@ class _Planner:
                 self.holders.setdefault((spec.name, scope, group, folded), set()).add(row_id)
 
     def _withhold_clashes(
-        self, i: int, spec: EntitySpec, cur: RowState, base: int | None, values: dict[str, Value]
-    ) -> None:
-        """Take out of ``values`` (changes to live row ``cur``) the unique groups they would
-        duplicate, each kept as a ``unique_violation`` conflict; the rest still applies."""
-        touched = [g for g in spec.unique if set(g) & set(values)]
-        data = {**cur.data, **values}
+        self, i: int, spec: EntitySpec, cur: RowState, base: int | None, changes: dict[str, Value]
+    ) -> set[str]:
+        """Take out of ``changes`` (to live row ``cur``) the unique groups they would
+        duplicate, each kept as a ``unique_violation`` conflict; the rest still applies.
+        Returns the names of the fields taken out."""
+        touched = [g for g in spec.unique if set(g) & set(changes)]
+        data = {**cur.data, **changes}
+        withheld: set[str] = set()
         for group, owner in self._unique_clash(spec, cur.id, cur.scope, data, touched).items():
-            proposed = {name: values.pop(name) for name in group if name in values}
+            proposed = {name: changes.pop(name) for name in group if name in changes}
+            withheld |= set(proposed)
             server = {"unique": ", ".join(group), "held_by": owner}
             self._conflict(i, cur, "unique_violation", base, proposed, server)
+        return withheld
 
     def _write(
         self,
@@ -407,9 +411,8 @@ class _Planner:
             values = {k: v for k, v in values.items() if k not in stale}
         # Under FIELD_LWW stale fields stay in ``values``: this write is the later one and wins.
         changes = {k: v for k, v in values.items() if cur.data.get(k) != v}
-        wanted = set(changes)
-        self._withhold_clashes(i, spec, cur, op.base_version, changes)
-        own.update(set(values) - (wanted - set(changes)))
+        withheld = self._withhold_clashes(i, spec, cur, op.base_version, changes)
+        own.update(set(values) - withheld)
         if not changes:
             return
         data = {**cur.data, **changes}
@@ -470,6 +473,33 @@ class _Planner:
                 ok = False
         return ok
 
+    def _hold_back_intent(
+        self, i: int, name: str, args: Mapping[str, Value], targets: Sequence[Key]
+    ) -> bool:
+        """Keep the intent as a conflict, unapplied, when a row it names is not there for it:
+        deleted (a delete wins over an intent too) or withheld with its create. The device
+        did nothing wrong, so its change-set is not refused; a manager sees the intent."""
+        proposal = _intent_proposal(name, args)
+        for key in targets:
+            held = self.withheld.get(key)
+            if held is not None:
+                server = {"blocked_by": held.kind, "op_index": held.op_index}
+                self.plan.conflicts.append(
+                    replace(
+                        held,
+                        kind="blocked_by_conflict",
+                        op_index=i,
+                        proposed=proposal,
+                        server_state=server,
+                    )
+                )
+                return True
+            row = self.rows.get(key)
+            if row is not None and row.deleted:
+                self._conflict(i, row, "update_deleted", None, proposal, {})
+                return True
+        return False
+
     def intent(self, i: int, op: IntentOp) -> None:
         spec = self.registry.intents.get(op.name)
         if spec is None:
@@ -486,29 +516,8 @@ class _Planner:
         except (KeyError, TypeError, ValueError) as exc:
             self._refuse(i, "invalid", f"{op.name}: {exc}")
             return
-        for key in targets:
-            if key in self.withheld:
-                held = self.withheld[key]
-                self.plan.conflicts.append(
-                    ConflictDraft(
-                        held.entity,
-                        held.id,
-                        held.scope,
-                        "blocked_by_conflict",
-                        i,
-                        None,
-                        None,
-                        _intent_proposal(op.name, args),
-                        {"blocked_by": held.kind, "op_index": held.op_index},
-                    )
-                )
-                return
-            row = self.rows.get(key)
-            if row is not None and row.deleted:
-                # A delete wins over an intent too, but the intent is kept, never dropped.
-                proposal = _intent_proposal(op.name, args)
-                self._conflict(i, row, "update_deleted", None, proposal, {})
-                return
+        if self._hold_back_intent(i, op.name, args, targets):
+            return
         current: dict[Key, Mapping[str, Any] | None] = {}
         for key in targets:
             row = self.rows.get(key)
@@ -529,9 +538,8 @@ class _Planner:
             if values is None or not self._check_scope_field(i, entity, values, row.data):
                 return
             changed = {k: v for k, v in values.items() if row.data.get(k) != v}
-            wanted = set(changed)
-            self._withhold_clashes(i, entity, row, None, changed)
-            self.own_fields.setdefault(key, set()).update(set(values) - (wanted - set(changed)))
+            withheld = self._withhold_clashes(i, entity, row, None, changed)
+            self.own_fields.setdefault(key, set()).update(set(values) - withheld)
             if changed:
                 data = {**row.data, **changed}
                 self._claim_unique(entity, row.id, row.scope, row.data, data)
