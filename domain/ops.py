@@ -12,6 +12,8 @@ from .roles import Role
 
 @dataclass(frozen=True)
 class CreateOp:
+    """Create a row with a client-generated (lower-case) UUID."""
+
     entity: str
     id: str
     fields: Mapping[str, Value]
@@ -19,6 +21,8 @@ class CreateOp:
 
 @dataclass(frozen=True)
 class PatchOp:
+    """Change some fields of a row; ``base_version`` is the row version the device last saw."""
+
     entity: str
     id: str
     base_version: int
@@ -27,6 +31,8 @@ class PatchOp:
 
 @dataclass(frozen=True)
 class DeleteOp:
+    """Delete a row (leaving a tombstone); ``base_version`` as for :class:`PatchOp`."""
+
     entity: str
     id: str
     base_version: int
@@ -34,6 +40,8 @@ class DeleteOp:
 
 @dataclass(frozen=True)
 class IntentOp:
+    """A domain operation registered as an :class:`~domain.registry.IntentSpec`."""
+
     name: str
     args: Mapping[str, Value]
 
