@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from conflict.planner import Plan
 from domain.catalog import INVENTORY_UNITS
-from domain.ops import Op, Principal
+from domain.ops import DeleteOp, IntentOp, Op, Principal
 from domain.registry import unique_form
 from domain.roles import Role
 from tests.unit.planning import (
@@ -281,3 +281,30 @@ def test_under_field_lww_the_last_arriving_edit_of_a_field_wins(data: st.DataObj
         assert (result.errors, result.conflicts) == ([], [])
         expected.update(edit)
     assert server.data("inventory_items", item) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_an_accepted_op_is_applied_or_kept_as_a_conflict_never_silently_dropped(
+    data: st.DataObject,
+) -> None:
+    """The promise behind "no acknowledged change is ever lost": once a change-set is
+    accepted, each of its edits is on the server or waits in a conflict for a manager."""
+    server = MemoryServer()
+    for _ in range(data.draw(st.integers(1, 8))):
+        op = draw_op(data, server)
+        result = server.push([op], MANAGER)
+        if result.rejected:
+            continue
+        kept = {name for c in result.conflicts for name in c.proposed}
+        kinds = {c.kind for c in result.conflicts}
+        if isinstance(op, IntentOp):
+            dish = server.data("menu_items", str(op.args["menu_item_id"]))
+            assert (dish is not None and dish["available"] is False) or "update_deleted" in kinds
+            continue
+        after = server.data(op.entity, op.id)
+        if isinstance(op, DeleteOp):
+            assert after is None or kinds == {"delete_modified"}
+            continue
+        for name, value in op.fields.items():
+            assert (after is not None and after[name] == value) or name in kept, (name, kinds)
