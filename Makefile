@@ -8,8 +8,13 @@ PYTEST_ARGS ?=
 
 .PHONY: run test lint typecheck unit integration bench install clean
 
+# Debian-like systems ship Python without ensurepip unless python3-venv is installed: fall back
+# to a venv without pip and install pip into it with the system's pip.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Galley needs Python >= 3.11 (found: $$($(PYTHON) --version 2>&1)); set PYTHON=..." >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV) && $(PYTHON) -m venv --without-pip $(VENV) && \
+	  $(PYTHON) -m pip --python $(BIN)/python install --quiet pip; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Re-install only when the project definition changes.
