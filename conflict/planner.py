@@ -27,6 +27,12 @@ Conflicts (``ConflictDraft.kind``):
   scope. A create is withheld entirely (and the change-set's later ops on that row are folded
   into the conflict instead of failing); a patch is withheld for the unique fields only.
 - ``blocked_by_conflict``: an intent naming a row whose create was withheld.
+
+Staleness is judged per field: an edit is stale when someone else wrote the field after the
+device's ``base_version`` (its field version is newer) and the values differ. Fields the same
+change-set already set are the device's own latest word and never stale; versions are always
+those the server had before the change-set, since those are what the device saw. Edits of
+fields nobody else touched merge under both policies, so disjoint edits commute.
 """
 
 from __future__ import annotations
