@@ -290,6 +290,28 @@ def apply_change_set(
     )
 
 
+def _beyond_msgpack(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _beyond_msgpack(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_beyond_msgpack(v) for v in value]
+    return value
+
+
+def _storable_ops(ops: Sequence[m.Op]) -> bytes:
+    """The ops as sent, for review. JSON decodes integers of any size, MessagePack stores at
+    most 64 bits: such a value (only ever in a rejected change-set, since no field accepts it)
+    is kept as its decimal string rather than failing the whole push with a 500."""
+    try:
+        return _encode(ops)
+    except OverflowError:
+        return _encode(_beyond_msgpack(msgspec.to_builtins(ops)))
+
+
 def _record(
     conn: Connection,
     *,
@@ -309,7 +331,7 @@ def _record(
             user_id=principal.user_id,
             status=outcome.status,
             outcome=_encode(outcome),
-            ops=_encode(change_set.ops),
+            ops=_storable_ops(change_set.ops),
             client_created_at=change_set.created_at,
             received_at=now,
         )

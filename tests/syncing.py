@@ -162,6 +162,18 @@ def server_rows(engine: Engine, scope: str | None = None) -> dict[tuple[str, str
     }
 
 
+def version_of(engine: Engine, entity: str, row_id: str) -> int:
+    """The current version of a row (what a device that just pulled would send as base)."""
+    with engine.connect() as conn:
+        value = conn.execute(
+            select(sync_rows.c.version).where(
+                sync_rows.c.entity == entity, sync_rows.c.row_id == row_id
+            )
+        ).scalar_one()
+        conn.rollback()
+    return int(value)
+
+
 def scope_heads(engine: Engine) -> dict[str, Any]:
     with engine.connect() as conn:
         rows = conn.execute(select(sync_scopes)).all()

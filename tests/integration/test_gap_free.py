@@ -46,6 +46,7 @@ from tests.syncing import (
     principal,
     server_rows,
     to_change_sets,
+    version_of,
 )
 
 __all__ = ["cheap_passwords"]
@@ -217,7 +218,10 @@ def pusher_work(
                         patch("inventory_items", rng.choice(items), 0, name=f"n{rng.random()}")
                     )
                 elif roll < 0.7 and manager:
-                    ops.append(delete("inventory_items", rng.choice(items), 1 << 40))
+                    victim = rng.choice(items)
+                    ops.append(
+                        delete("inventory_items", victim, version_of(db, "inventory_items", victim))
+                    )
                 elif roll < 0.85 and manager:
                     ops.append(create("menu_items", **dish()))  # org and branch in one txn
                 elif dishes:
@@ -323,3 +327,4 @@ def test_pullers_never_miss_a_commit_while_pushers_race_with_late_commits(
             }
             assert p.replica[scope] == expected
     assert len(known["inventory_items"]) > PUSHERS
+    assert any(r["deleted"] for r in final.values())  # tombstones were part of the race

@@ -31,6 +31,7 @@ from tests.syncing import (
     push_body,
     scope_heads,
     server_rows,
+    version_of,
 )
 
 __all__ = ["cheap_passwords"]
@@ -174,11 +175,18 @@ def test_page_and_scope_checksums_match_a_recount_of_the_log(
     post(
         client,
         "push",
-        push_body(dev.id, change_set(1, delete("inventory_items", ids[0], 1 << 40))),
+        push_body(
+            dev.id,
+            change_set(
+                1, delete("inventory_items", ids[0], version_of(db, "inventory_items", ids[0]))
+            ),
+        ),
         dev.headers,
     )
 
     pages, replica, cursors = pull_all(client, dev, limit=7)
+
+    assert server_rows(db)[("inventory_items", ids[0])]["deleted"] is True
 
     for page in pages:
         assert page["page_checksum"] == sum_checksums(
@@ -264,7 +272,10 @@ def test_a_deletion_reaches_other_devices_as_a_tombstone(client: Any, db: Engine
     post(
         client,
         "push",
-        push_body(dev.id, change_set(2, delete("inventory_items", inv, 1 << 40))),
+        push_body(
+            dev.id,
+            change_set(2, delete("inventory_items", inv, version_of(db, "inventory_items", inv))),
+        ),
         dev.headers,
     )
     page = pull(client, org.staff, cursors)
@@ -289,7 +300,10 @@ def test_after_compaction_an_older_cursor_must_reset_and_newer_ones_continue(
     post(
         client,
         "push",
-        push_body(dev.id, change_set(2, delete("inventory_items", inv, 1 << 40))),
+        push_body(
+            dev.id,
+            change_set(2, delete("inventory_items", inv, version_of(db, "inventory_items", inv))),
+        ),
         dev.headers,
     )
     _, _, new_cursors = pull_all(client, dev, limit=1000)

@@ -466,3 +466,15 @@ def test_ids_spelt_in_upper_case_name_the_same_rows_and_branches(
     sold_out = push(client, kitchen.staff, intent("menu.mark_sold_out", menu_item_id=menu.upper()))
     assert sold_out["status"] == "applied", sold_out
     assert row(db, "menu_items", menu)["data"]["available"] is False
+
+
+def test_an_integer_beyond_64_bits_is_rejected_as_out_of_range_not_a_500(
+    client: Any, db: Engine, kitchen: Kitchen
+) -> None:
+    outcome = push(
+        client, kitchen.manager, create("menu_items", new_id(), **dish(price_cents=10**30))
+    )
+    assert outcome["status"] == "rejected"
+    assert outcome["errors"][0]["code"] == "out_of_range"
+    (record,) = change_set_records(db, kitchen.manager.id)
+    assert record.status == "rejected"
