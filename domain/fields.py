@@ -71,7 +71,12 @@ class Field:
             if len(value) > self.max_length:
                 return FieldError(name, "too_long", f"{name} is longer than {self.max_length}")
             if len(value.strip()) < self.min_length:
-                return FieldError(name, "too_short", f"{name} must not be blank")
+                message = (
+                    f"{name} must not be blank"
+                    if self.min_length == 1
+                    else f"{name} needs at least {self.min_length} characters besides spaces"
+                )
+                return FieldError(name, "too_short", message)
             return None
         if self.kind in ("int", "money"):
             # bool is an int in Python; a device sending true for a price is a bug, not 1 cent.

@@ -77,6 +77,12 @@ def test_an_error_names_the_field_and_says_why() -> None:
     assert err is not None and err.message == "unit must be one of each, kg"
 
 
+def test_a_blank_or_short_text_says_how_long_it_must_be() -> None:
+    assert f.text().check("name", " ") == FieldError("name", "too_short", "name must not be blank")
+    err = f.text(min_length=3).check("code", "ab ")
+    assert err == FieldError("code", "too_short", "code needs at least 3 characters besides spaces")
+
+
 def test_uuids_are_stored_lower_case_and_other_values_as_sent() -> None:
     assert f.uuid_ref().canonical(UUID.upper()) == UUID
     assert f.text().canonical("Mixed Case") == "Mixed Case"
