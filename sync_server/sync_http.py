@@ -228,8 +228,13 @@ async def push_endpoint(request: Request) -> Response:
             {"expected_seq": [str(result.gap.expected)]},
         )
     if result.versions:
-        for scope, version in result.versions.items():
-            resources.pubsub.publish(f"galley:scope:{scope}", str(version).encode())
+        # Tell listeners (live pulls) that the scopes moved on. Redis is a network call: off
+        # the event loop, like the database.
+        def notify() -> None:
+            for scope, version in result.versions.items():
+                resources.pubsub.publish(f"galley:scope:{scope}", str(version).encode())
+
+        await _run(notify)
     return _encode(
         m.PushResponse(m.PROTOCOL_VERSION, result.outcomes, result.last_applied_seq, error),
         response_type,

@@ -478,3 +478,17 @@ def test_an_integer_beyond_64_bits_is_rejected_as_out_of_range_not_a_500(
     assert outcome["errors"][0]["code"] == "out_of_range"
     (record,) = change_set_records(db, kitchen.manager.id)
     assert record.status == "rejected"
+
+
+def test_an_applied_push_announces_each_scope_s_new_version(
+    client: Any, db: Engine, kitchen: Kitchen
+) -> None:
+    heard: list[tuple[str, bytes]] = []
+    pubsub = client.app.state.resources.pubsub
+    stop = pubsub.subscribe("galley:scope:org", lambda channel, msg: heard.append((channel, msg)))
+    try:
+        outcome = push(client, kitchen.manager, create("menu_items", new_id(), **dish()))
+        push(client, kitchen.staff, create("recipes", new_id()))  # rejected: nothing to announce
+    finally:
+        stop()
+    assert heard == [("galley:scope:org", str(outcome["versions"]["org"]).encode())]
