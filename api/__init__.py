@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from . import auditlog, auth, staff, users  # noqa: F401  (register operations)
+from . import auditlog, auth, biometric, staff, users  # noqa: F401  (register operations)
 from .v1 import api
 
 
