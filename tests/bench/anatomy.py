@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import pymysql.connections  # type: ignore[import-untyped]
 from sqlalchemy import event
 from starlette.testclient import TestClient
 
@@ -33,15 +34,28 @@ class Anatomy:
     under_scope_lock: int
     #: Connections checked out of the pool.
     checkouts: int
+    #: Commands sent to the database server, counted in the driver: the statements plus what
+    #: SQLAlchemy sends unseen (pool pre-ping, reset-on-return rollback, isolation-level SETs).
+    round_trips: int
 
 
 class _Recorder:
     def __init__(self, resources: Resources) -> None:
         self.engine = resources.engine
         self.statements: list[str] = []
+        self.commands: list[int] = []
         self.checkouts = 0
 
     def __enter__(self) -> _Recorder:
+        self._original = pymysql.connections.Connection._execute_command
+        original = self._original
+        commands = self.commands
+
+        def counting(conn: Any, command: int, sql: Any) -> Any:
+            commands.append(command)
+            return original(conn, command, sql)
+
+        pymysql.connections.Connection._execute_command = counting
         event.listen(self.engine, "before_cursor_execute", self._execute)
         event.listen(self.engine, "commit", self._commit)
         event.listen(self.engine, "rollback", self._rollback)
@@ -49,6 +63,7 @@ class _Recorder:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        pymysql.connections.Connection._execute_command = self._original
         event.remove(self.engine, "before_cursor_execute", self._execute)
         event.remove(self.engine, "commit", self._commit)
         event.remove(self.engine, "rollback", self._rollback)
@@ -80,7 +95,7 @@ class _Recorder:
                 locked += 1
             if statement in ("COMMIT", "ROLLBACK"):
                 holding = False
-        return Anatomy(len(self.statements), locked, self.checkouts)
+        return Anatomy(len(self.statements), locked, self.checkouts, len(self.commands))
 
 
 def push_and_pull_anatomy(

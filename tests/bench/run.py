@@ -217,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"one push of 1 change-set x {args.ops_per_change_set} ops: "
         f"{push_anatomy.statements} statements ({push_anatomy.under_scope_lock} under the scope "
-        f"lock, the floor: 4), {push_anatomy.checkouts} pool checkouts; one up-to-date pull: "
-        f"{pull_anatomy.statements} statements, {pull_anatomy.checkouts} checkouts"
+        f"lock; the floor: 4), {push_anatomy.round_trips} database round trips, "
+        f"{push_anatomy.checkouts} pool checkouts; one up-to-date pull: "
+        f"{pull_anatomy.statements} statements, {pull_anatomy.round_trips} round trips, "
+        f"{pull_anatomy.checkouts} checkouts"
     )
     print()
     _print(lines)
