@@ -29,8 +29,10 @@ from .workload import InitialSync, PushRun, ServerProcess, idle_pulls, initial_s
 DEFAULT_URL = "mysql+pymysql://root@127.0.0.1:3306/galley_bench"
 INITIAL_SYNC_TARGET = 0.50
 PUSH_TARGET = 0.25
-#: Push layouts: name -> (branches, devices per branch); 16 devices in each.
-LAYOUTS = {"4x4": (4, 4), "1x16": (1, 16)}
+#: Push layouts: name -> (branches, devices per branch, change-sets per request); 16 devices in
+#: each. One change-set per request is the worst case (a device syncing after every action);
+#: a device back online sends its backlog in batches.
+LAYOUTS = {"4x4": (4, 4, 1), "1x16": (1, 16, 1), "4x4-batch10": (4, 4, 10)}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +48,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-requests", type=int, default=1_000)
     parser.add_argument("--push-seconds", type=float, default=20.0)
     parser.add_argument("--floor-seconds", type=float, default=10.0)
-    parser.add_argument("--change-sets-per-request", type=int, default=1)
     parser.add_argument("--ops-per-change-set", type=int, default=5)
     parser.add_argument(
         "--layouts", default=",".join(LAYOUTS), help=f"push layouts to run, of {list(LAYOUTS)}"
@@ -88,12 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     redis_url = os.environ.get("BENCH_REDIS_URL") or None
     layouts = {name: LAYOUTS[name] for name in args.layouts.split(",") if name}
     began = time.perf_counter()
+    # Other work on the machine skews every figure (the floors too): the report says how busy
+    # it was.
+    load_before = os.getloadavg()
 
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - began:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     say(f"creating and migrating {database_url.rsplit('/', 1)[-1]}")
-    world = build_world(database_url, redis_url, layouts)
+    world = build_world(
+        database_url, redis_url, {name: (b, d) for name, (b, d, _) in layouts.items()}
+    )
     say(f"seeding {args.rows:,} inventory rows")
     seeded = seed_inventory(database_url, world.big_branch, args.rows, args.rows_per_version)
     scope = branch_scope(world.big_branch)
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             requests=args.idle_requests,
         )
         pushes: dict[str, tuple[PushRun, Throughput]] = {}
-        for counters, (name, (branch_count, _per_branch)) in enumerate(layouts.items()):
+        for counters, (name, (branch_count, _per_branch, batch)) in enumerate(layouts.items()):
             say(f"floor: locked-counter transactions, 16 threads on {branch_count} counter(s)")
             create_floor_tables(database_url, branch_count, suffix=str(counters))
             floor = locked_counter_floor(
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 push_run(
                     server.base_url,
                     devices,
-                    change_sets_per_request=args.change_sets_per_request,
+                    change_sets_per_request=batch,
                     ops_per_change_set=args.ops_per_change_set,
                     seconds=args.push_seconds,
                 ),
@@ -181,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     for name, (push, floor) in pushes.items():
-        branches, per_branch = layouts[name]
+        branches, per_branch, batch = layouts[name]
         where = f"{branches} branch{'es' if branches > 1 else ''} x {per_branch} devices"
+        if batch > 1:
+            where += f", {batch} change-sets/request"
         ratio = push.change_sets.rate / floor.rate
         lines.append(
             Line(
@@ -205,13 +213,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(
-        f"Galley sync benchmark — {platform.node()}, {os.cpu_count()} CPUs, Python "
+        f"Galley sync benchmark — {platform.node()}, {os.cpu_count()} CPUs (load average at the "
+        f"start {load_before[0]:.1f}, at the end {os.getloadavg()[0]:.1f}), Python "
         f"{platform.python_version()}, {database_url.rsplit('@', 1)[-1]}"
     )
     print(
         f"replica: {args.rows:,} inventory rows, {args.rows_per_version} per version; push: "
-        f"{args.change_sets_per_request} change-set(s) of {args.ops_per_change_set} ops per "
-        f"request, 1 create + renames; floors measured in this run (see tests/bench/floor.py)"
+        f"change-sets of {args.ops_per_change_set} ops (1 create + renames of the device's "
+        f"items); floors measured in this run (see tests/bench/floor.py)"
     )
     print(f"initial sync: {syncs[m.MAX_PULL_LIMIT].verified}")
     print(
