@@ -112,11 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         Line("raw insert of the replica (rows/s)", f"{seeded.rows / seeded.seconds:,.0f}"),
     ]
     syncs: dict[int, InitialSync] = {}
+    #: Server CPU seconds per measured phase (what a core of the server process costs).
+    server_cpu: dict[str, float] = {}
     with ServerProcess(database_url, redis_url, args.profile) as server:
         for limit in (m.MAX_PULL_LIMIT, m.DEFAULT_PULL_LIMIT):
             for _ in range(args.repeats):
                 say(f"initial sync, limit {limit}")
+                cpu_before = server.cpu_seconds()
                 run = initial_sync(server.base_url, reader_token, reader.device_ids[0], limit)
+                cpu_after = server.cpu_seconds()
+                if cpu_before is not None and cpu_after is not None:
+                    run.server_cpu = cpu_after - cpu_before
                 if run.rows < args.rows:
                     raise AssertionError(f"initial sync returned {run.rows} rows")
                 if limit not in syncs or run.rate > syncs[limit].rate:
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 for device_id in member.device_ids
             ]
             say(f"push: {len(devices)} devices on {branch_count} branch(es), {name}")
+            cpu_before = server.cpu_seconds()
             pushes[name] = (
                 push_run(
                     server.base_url,
@@ -156,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 floor,
             )
+            cpu_after = server.cpu_seconds()
+            if cpu_before is not None and cpu_after is not None:
+                server_cpu[name] = cpu_after - cpu_before
 
     say("statement counts of one push and one pull (in-process)")
     push_anatomy, pull_anatomy = push_and_pull_anatomy(
@@ -170,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             Line(
                 f"initial sync, limit {limit} (rows/s, {run.pages} pages,"
-                f" {run.decoding / run.seconds:.0%} client decode)",
+                f" {run.decoding / run.seconds:.0%} client decode"
+                + (
+                    f", server busy {run.server_cpu / run.seconds:.0%})"
+                    if run.server_cpu is not None
+                    else ")"
+                ),
                 f"{run.rate:,.0f}",
                 f"{sync_floor.rate:,.0f}",
                 f"{ratio:.0%}",
@@ -202,6 +217,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         lines.append(Line(f"push ops/s ({where})", f"{push.ops.rate:,.0f}"))
+        if name in server_cpu and push.change_sets.count:
+            cpu = server_cpu[name]
+            lines.append(
+                Line(
+                    f"push server CPU per change-set ms, busy % ({where})",
+                    f"{cpu / push.change_sets.count * 1000:.1f}, "
+                    f"{cpu / push.change_sets.seconds:.0%}",
+                )
+            )
         lines.append(
             Line(
                 f"push request p50/p95/p99 ms ({where})",

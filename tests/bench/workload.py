@@ -117,6 +117,18 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the server process has used so far; None where /proc is
+        not available, or when py-spy stands between us and the server."""
+        if self.process is None or self.profile_to:
+            return None
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        # Fields 14 and 15 of proc(5) (utime, stime), counted after the ")" of the name.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -148,6 +160,8 @@ class InitialSync:
     verified: str
     #: Of ``seconds``, the time this client spent decoding pages (the rest: request to reply).
     decoding: float
+    #: CPU seconds the server process spent meanwhile (None: not measured).
+    server_cpu: float | None = None
 
     @property
     def rate(self) -> float:
