@@ -81,6 +81,10 @@ class EntitySpec:
     defaults: Mapping[str, Value] = field(default_factory=dict)
     #: Field groups unique within a scope (checked by the engine against the system of record).
     unique: tuple[tuple[str, ...], ...] = ()
+    # Computed once: pulls filter every row they send through it.
+    _visible: Mapping[Role, frozenset[str]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -108,6 +112,10 @@ class EntitySpec:
                 problems.append(f"default of {name}: {err.message}")
         if problems:
             raise ValueError(f"entity {self.name}: " + "; ".join(problems))
+        visible = {
+            role: frozenset(self.fields) - self.hidden.get(role, frozenset()) for role in Role
+        }
+        object.__setattr__(self, "_visible", visible)
 
     def writable_by(self, role: Role) -> frozenset[str]:
         """The fields ``role`` may set in creates and patches."""
@@ -115,7 +123,7 @@ class EntitySpec:
 
     def visible_fields(self, role: Role) -> frozenset[str]:
         """The fields ``role`` receives in pulls."""
-        return frozenset(self.fields) - self.hidden.get(role, frozenset())
+        return self._visible[role]
 
     def required_fields(self) -> frozenset[str]:
         """The fields a create must give: neither nullable nor defaulted."""
