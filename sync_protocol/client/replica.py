@@ -76,6 +76,7 @@ CREATED = "*"
 _ops_encoder = msgspec.json.Encoder()
 _ops_decoder = msgspec.json.Decoder(list[m.Op])
 _errors_decoder = msgspec.json.Decoder(list[m.OpError])
+_change_set_decoder = msgspec.json.Decoder(m.ChangeSet)
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,13 @@ class Replica:
         if len(ops) > m.MAX_OPS_PER_CHANGE_SET:
             raise ValueError(f"a change-set holds at most {m.MAX_OPS_PER_CHANGE_SET} ops")
         change_set_id = str(uuid.uuid4())
+        # Check the wire constraints now: a change-set the server cannot even decode would be
+        # answered 422 on every push and block the queue behind it forever.
+        probe = m.ChangeSet(id=change_set_id, seq=1, ops=list(ops), created_at=created_at)
+        try:
+            _change_set_decoder.decode(_ops_encoder.encode(probe))
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"invalid change-set: {exc}") from None
         with self.transaction():
             seq = self.next_seq
             self._set_meta("next_seq", str(seq + 1))

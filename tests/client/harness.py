@@ -42,9 +42,13 @@ class FlakyHttp(TestClient):
         #: Synthetic 503s a proxy answers before the server is reached.
         self.unavailable_next = 0
         self.sent: list[str] = []
+        #: Called with each request's path before it is sent (to act "during" a sync).
+        self.on_send: Callable[[str], None] | None = None
 
     def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
         path = request.url.path
+        if self.on_send is not None:
+            self.on_send(path)
         if self.fail_after is not None:
             if self.fail_after <= 0:
                 self.offline = True

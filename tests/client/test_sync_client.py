@@ -224,3 +224,60 @@ def test_interrupted_initial_sync_resumes_without_duplicates_or_holes(
         s: (c, k)
         for s, c, k in a.replica.conn.execute("SELECT scope, count, checksum FROM scope_sums")
     }
+
+
+def test_work_written_while_a_pull_runs_stays_applied_over_the_pulled_state(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp]
+) -> None:
+    branch = factory.branch()
+    boss = factory.user("manager", [branch])
+    alice = factory.user("staff", [branch])
+    m = device(str(tmp_path / "m.db"), network(), factory, boss)
+    item = m.create(INVENTORY, flour())
+    for i in range(6):
+        m.create(INVENTORY, flour(f"SKU-{i}"))
+    m.sync()
+    path = str(tmp_path / "a.db")
+    http = network()
+    a = device(path, http, factory, alice, page_limit=3)
+    a.sync()
+    m.patch(INVENTORY, item, {"name": "Spelt flour", "category": "grain"})
+    m.sync()
+
+    # The app writes through its own connection to the same file while the sync pulls.
+    app = device(path, http, factory, alice)
+    pulls = 0
+
+    def app_writes_between_pages(path: str) -> None:
+        nonlocal pulls
+        if path.endswith("/pull"):
+            pulls += 1
+            if pulls == 1:
+                app.patch(INVENTORY, item, {"name": "Rye flour"})
+
+    http.on_send = app_writes_between_pages
+    a.sync()
+    http.on_send = None
+
+    row = a.get(INVENTORY, item)
+    assert row is not None and row.pending
+    assert row.data["name"] == "Rye flour" and row.data["category"] == "grain"
+    assert [p.status for p in a.replica.pending()] == ["pending"]
+    a.sync()
+    row = a.get(INVENTORY, item)
+    assert row is not None and not row.pending and row.data["name"] == "Rye flour"
+    app.close()
+
+
+def test_a_change_set_the_server_could_not_decode_is_refused_when_written(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp]
+) -> None:
+    branch = factory.branch()
+    alice = factory.user("staff", [branch])
+    a = device(str(tmp_path / "a.db"), network(), factory, alice)
+    try:
+        a.create(INVENTORY, flour(), id="not-a-uuid")
+        raise AssertionError("an invalid id was accepted")
+    except ValueError as exc:
+        assert "invalid change-set" in str(exc)
+    assert a.replica.pending() == [] and a.rows(INVENTORY) == []
