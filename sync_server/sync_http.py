@@ -92,7 +92,9 @@ async def _decode(request: Request, type_: type[T]) -> tuple[T, str]:
         # to upgrade (426) rather than list what its message lacks.
         _check_protocol(_peek_protocol(body, content_type))
         raise _validation_error(exc) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # MessagePack strings that are not UTF-8 surface as UnicodeDecodeError, absurd nesting
+        # as RecursionError: malformed bodies all the same, never a 500.
         raise ApiError(
             400, "malformed_body", f"The body is not valid {content_type}: {exc}"
         ) from None
@@ -111,7 +113,7 @@ def _peek_protocol(body: bytes, content_type: str) -> str | None:
         if content_type == MSGPACK:
             return msgspec.msgpack.decode(body, type=_Envelope).protocol
         return msgspec.json.decode(body, type=_Envelope).protocol
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         return None
 
 

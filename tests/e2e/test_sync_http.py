@@ -128,6 +128,41 @@ CASES: list[Case] = [
         "malformed_body",
     ),
     (
+        "msgpack_string_not_utf8",
+        "push",
+        lambda s: (
+            msgspec.msgpack.encode(push_body(s.device, good_cs())).replace(
+                b"Flour", b"\xed\xa0\x80Fl"
+            ),
+            s.headers,
+            MSGPACK,
+        ),
+        400,
+        "malformed_body",
+    ),
+    (
+        "deeply_nested_json",
+        "push",
+        lambda s: (
+            b'{"protocol": "2.0", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+            s.headers,
+            JSON,
+        ),
+        422,
+        "validation_error",
+    ),
+    (
+        "deeply_nested_msgpack",
+        "pull",
+        lambda s: (
+            b"\x82\xa8protocol\xa31.0\xa1x" + b"\x91" * 50_000 + b"\xc0",
+            s.headers,
+            MSGPACK,
+        ),
+        422,
+        "validation_error",
+    ),
+    (
         "text_plain",
         "push",
         lambda s: (_push(s, good_cs()), s.headers, "text/plain"),
