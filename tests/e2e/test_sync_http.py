@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -20,7 +21,7 @@ from starlette.testclient import TestClient
 
 from sync_server.app import create_app
 from sync_server.resources import build_resources
-from sync_server.tables import users
+from sync_server.tables import devices, users
 from tests.conftest import make_settings
 from tests.factories import Factory, User
 from tests.syncing import (
@@ -493,3 +494,17 @@ def test_a_body_over_the_limit_is_413_and_nothing_is_applied(
 def test_a_wrong_method_gets_the_error_shape(client: Any, db: Engine, setup: Setup) -> None:
     response = client.get("/sync/v1/push", headers=setup.headers)
     assert_error_shape(response, 405, "method_not_allowed")
+
+
+def test_a_revoked_device_may_neither_push_nor_pull(client: Any, db: Engine, setup: Setup) -> None:
+    with db.begin() as conn:
+        conn.execute(
+            update(devices).where(devices.c.id == setup.device).values(revoked_at=datetime.now())
+        )
+    before = snapshot(db)
+    for path, body in (
+        ("push", _push(setup, good_cs())),
+        ("pull", enc(pull_body(setup.device))),
+    ):
+        assert_error_shape(raw(client, path, body, setup.headers), 403, "device_forbidden")
+    assert snapshot(db) == before
