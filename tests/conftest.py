@@ -197,3 +197,23 @@ def client(resources: Resources) -> Iterator[Any]:
 
     with TestClient(create_app(resources=resources)) as test_client:
         yield test_client
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fast_password_hashing() -> Iterator[None]:
+    """argon2id at its minimum cost inside the test process.
+
+    The production parameters spend ~100 ms of CPU per hash on purpose; the suite creates
+    hundreds of users and signs many of them in, which roughly doubled its run time. The
+    algorithm and the hash format are unchanged (real ``$argon2id$`` hashes that
+    ``verify_password`` checks); only ``sync_server.passwords`` in this process is affected
+    (servers started as subprocesses hash with the real parameters).
+    """
+    from argon2 import PasswordHasher
+
+    from sync_server import passwords
+
+    original = passwords._hasher
+    passwords._hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    yield
+    passwords._hasher = original
