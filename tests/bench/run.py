@@ -179,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = run.rate / sync_floor.rate
         lines.append(
             Line(
-                f"initial sync, limit {limit} (rows/s, {run.pages} pages,"
-                f" {run.decoding / run.seconds:.0%} client decode"
+                f"initial sync, limit {limit} (rows/s, {run.pages} pages;"
+                f" CPU busy: client {run.client_cpu / run.seconds:.0%}"
                 + (
-                    f", server busy {run.server_cpu / run.seconds:.0%})"
+                    f", server {run.server_cpu / run.seconds:.0%})"
                     if run.server_cpu is not None
                     else ")"
                 ),

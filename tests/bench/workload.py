@@ -160,6 +160,8 @@ class InitialSync:
     verified: str
     #: Of ``seconds``, the time this client spent decoding pages (the rest: request to reply).
     decoding: float
+    #: CPU seconds this client process spent (HTTP, decoding): it runs alone meanwhile.
+    client_cpu: float = 0.0
     #: CPU seconds the server process spent meanwhile (None: not measured).
     server_cpu: float | None = None
 
@@ -175,6 +177,7 @@ def initial_sync(base_url: str, token: str, device_id: str, limit: int) -> Initi
     cursors: dict[str, int] = {}
     decoding = 0.0
     with _client(base_url, token) as client:
+        cpu_started = time.process_time()
         started = time.perf_counter()
         while True:
             request = m.PullRequest(m.PROTOCOL_VERSION, device_id, cursors, limit)
@@ -189,8 +192,9 @@ def initial_sync(base_url: str, token: str, device_id: str, limit: int) -> Initi
             if not page.has_more:
                 break
         elapsed = time.perf_counter() - started
+        client_cpu = time.process_time() - cpu_started
     rows = sum(len(p.changes) for p in pages)
-    return InitialSync(rows, elapsed, len(pages), cursors, _verify(pages), decoding)
+    return InitialSync(rows, elapsed, len(pages), cursors, _verify(pages), decoding, client_cpu)
 
 
 def _verify(pages: list[m.PullResponse]) -> str:
