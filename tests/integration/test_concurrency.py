@@ -6,7 +6,9 @@ released together by a barrier so that the requests really overlap.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,8 +16,9 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from domain.registry import ORG_SCOPE
+from sync_server.changelog import ChangeLog, ScopeNotLocked
 from sync_server.db import run_in_transaction
-from sync_server.directory import create_branch
+from sync_server.directory import create_branch, utcnow
 from sync_server.push import PushResult, push
 from tests.factories import Factory, User
 from tests.syncing import (
@@ -197,8 +200,9 @@ def test_concurrent_price_edits_of_one_dish_leave_one_price_and_conflicts_for_th
 
 
 def test_pushes_writing_two_scopes_and_new_branches_in_parallel_neither_deadlock_nor_fail(
-    db: Engine, factory: Factory, cheap_passwords: None
+    db: Engine, factory: Factory, cheap_passwords: None, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="galley.db")
     branch = factory.branch()
     users = [factory.user("manager", [branch]) for _ in range(6)]
     devices = [factory.device(u) for u in users]
@@ -220,9 +224,64 @@ def test_pushes_writing_two_scopes_and_new_branches_in_parallel_neither_deadlock
 
     results = together(8, work)
 
+    # Scopes are locked in one order (sorted: "branch:…" before "org"), so these transactions
+    # queue; none is chosen as a deadlock victim and retried.
+    assert [r.message for r in caplog.records if "retrying" in r.message] == []
     for r in results[:6]:
         assert [o.status for o in r.outcomes] == ["applied"] * 5
     heads = scope_heads(db)
     org_rows = [r for r in server_rows(db).values() if r["scope"] == ORG_SCOPE]
     assert heads[ORG_SCOPE].row_count == len(org_rows)
     assert heads[f"branch:{branch.id}"].row_count == 6 + 30  # devices + stock items
+
+
+def test_writers_naming_their_scopes_in_any_order_lock_them_in_one_order(
+    db: Engine,
+    factory: Factory,
+    cheap_passwords: None,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caplog.set_level(logging.INFO, logger="galley.db")
+    scope = f"branch:{factory.branch().id}"
+    before = scope_heads(db)
+    lock_one = ChangeLog._select_for_update
+
+    def slow_lock(self: ChangeLog, name: str) -> Any:
+        head = lock_one(self, name)
+        time.sleep(0.002)  # hold each lock a while before asking for the next
+        return head
+
+    monkeypatch.setattr(ChangeLog, "_select_for_update", slow_lock)
+
+    def work(i: int) -> None:
+        order = [ORG_SCOPE, scope] if i % 2 else [scope, ORG_SCOPE]
+        for _ in range(8):
+
+            def txn(conn: Any) -> None:
+                log = ChangeLog(conn, utcnow())
+                log.lock_scopes(order)
+                log.write("menu_items", new_id(), ORG_SCOPE, {"n": i})
+                log.write("inventory_items", new_id(), scope, {"n": i})
+                log.finish()
+
+            run_in_transaction(db, txn)
+
+    together(6, work)
+
+    assert [r.message for r in caplog.records if "retrying" in r.message] == []
+    after = scope_heads(db)
+    assert after[ORG_SCOPE].version - before[ORG_SCOPE].version == 48
+    assert after[scope].version - before[scope].version == 48
+
+
+def test_locking_a_scope_out_of_order_is_refused(db: Engine, factory: Factory) -> None:
+    scope = f"branch:{factory.branch().id}"
+
+    def txn(conn: Any) -> None:
+        log = ChangeLog(conn, utcnow())
+        log.lock_scopes([ORG_SCOPE])
+        log.lock_scopes([scope])  # "branch:…" sorts before "org": could deadlock
+
+    with pytest.raises(ScopeNotLocked):
+        run_in_transaction(db, txn)
