@@ -110,25 +110,28 @@ def login(ctx: Context, body: schemas.LoginRequest) -> Reply:
             "Send either email or username.",
             {"email": ["exactly one of email or username is required"]},
         )
-    identifier = (body.email or body.username or "").strip().lower()
     policy = ctx.limiter.policy
     ctx.limiter.enforce(policy.login_per_ip, "login-ip", ctx.ip)
-    ctx.limiter.enforce(policy.login_per_account, "login-account", identifier)
-    column = users.c.email if body.email is not None else users.c.username
+    match = (
+        users.c.email == body.email.strip().lower()
+        if body.email is not None
+        else users.c.username == body.username
+    )
     with ctx.resources.engine.connect() as conn:
         row = conn.execute(
-            select(users.c.id, users.c.password_hash, users.c.is_active).where(
-                column == identifier if body.email is not None else column == body.username
-            )
+            select(users.c.id, users.c.email, users.c.password_hash, users.c.is_active).where(match)
         ).first()
         conn.rollback()
+    # One counter per account whichever identifier was used (per identifier for unknown ones).
+    account_key = row.email if row is not None else (body.email or body.username or "").lower()
+    ctx.limiter.enforce(policy.login_per_account, "login-account", account_key)
     subject = row.id if row is not None else None
-    check_lockout(ctx, identifier, subject)
+    check_lockout(ctx, account_key, subject)
     password_ok = verify_password(row.password_hash if row else DUMMY_HASH, body.password)
     if row is None or not password_ok or not row.is_active:
-        count_failure(ctx, identifier, subject, "password")
+        count_failure(ctx, account_key, subject, "password")
         raise _invalid_credentials()
-    ctx.limiter.clear(policy.lockout, "lockout", identifier)
+    ctx.limiter.clear(policy.lockout, "lockout", account_key)
     user_id: str = row.id
     rehash = hash_password(body.password) if needs_rehash(row.password_hash) else None
 

@@ -135,6 +135,7 @@ def issue_challenge(ctx: Context, body: schemas.ChallengeRequest, conn: Connecti
     response=schemas.BiometricCredential,
     status=201,
     transactional=True,
+    idempotent=True,
     errors=(403, 409),
 )
 def register(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,9 +28,11 @@ import msgspec
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from sync_server.account_tables import role_permissions
 from sync_server.authn import AUTHENTICATED, PUBLIC, Identity, authenticate, declare_access
@@ -143,7 +144,27 @@ class Api:
         return register
 
     def routes(self) -> list[Route]:
-        return [Route(op.path, _endpoint(op), methods=[op.method]) for op in self.operations]
+        methods: dict[str, set[str]] = {}
+        for op in self.operations:
+            methods.setdefault(op.path, {"HEAD"} if op.method == "GET" else set()).add(op.method)
+        return [
+            _OperationRoute(op.path, _endpoint(op), methods=[op.method], allow=methods[op.path])
+            for op in self.operations
+        ]
+
+
+class _OperationRoute(Route):
+    """One operation's route. Operations sharing a path are separate routes, so a 405 must name
+    every method of the path in ``Allow``, not only this route's."""
+
+    def __init__(self, path: str, endpoint: Any, *, methods: list[str], allow: set[str]) -> None:
+        super().__init__(path, endpoint, methods=methods)
+        self.allow = ", ".join(sorted(allow))
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.methods and scope["method"] not in self.methods:
+            raise HTTPException(status_code=405, headers={"Allow": self.allow})
+        await super().handle(scope, receive, send)
 
 
 # --- helpers used by handlers ----------------------------------------------------------------
@@ -205,8 +226,6 @@ def not_found(what: str = "resource") -> ApiError:
 
 
 # --- the uniform endpoint ----------------------------------------------------------------------
-
-_PATH_RE = re.compile(r"`\$\.?([^`]*)`")
 
 
 def _validation_error(exc: msgspec.ValidationError, where: str = "body") -> ApiError:
@@ -282,9 +301,17 @@ def _decode_query(op: Operation, request: Request) -> tuple[Any, Page | None]:
                 )
             limit = int(limit_text)
         page = Page(decode_cursor(cursor) if cursor else None, limit)
+    known = set(op.query.__struct_fields__) if op.query is not None else set()
+    unknown = sorted(name for name in params if name not in known)
+    if unknown:
+        raise ApiError(
+            422,
+            "validation_error",
+            "The query is not valid.",
+            {name or "_": ["unknown query parameter"] for name in unknown},
+        )
     query = None
     if op.query is not None:
-        known = set(op.query.__struct_fields__)
         try:
             query = msgspec.convert(
                 {k: v for k, v in params.items() if k in known}, type=op.query, strict=False

@@ -7,7 +7,7 @@ forbid unknown fields, so a client sending ``role`` to ``PATCH /users/me`` gets 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
@@ -157,7 +157,7 @@ class AuditEntry(Struct, kw_only=True):
     actor_user_id: str | None
     subject_user_id: str | None
     ip: str | None
-    details: dict[str, object]
+    details: dict[str, Any]
 
 
 class PageMeta(Struct, kw_only=True):

@@ -123,6 +123,7 @@ def patch_me(ctx: Context, body: schemas.ProfilePatch, conn: Connection) -> sche
     tag="users",
     body=schemas.PasswordChange,
     response=schemas.Session,
+    errors=(429,),
 )
 def change_password(ctx: Context, body: schemas.PasswordChange) -> Reply:
     engine = ctx.resources.engine

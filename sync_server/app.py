@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp
 
 import api
 from api.headers import SecurityHeaders
@@ -42,6 +42,12 @@ def _routes() -> list[BaseRoute]:
     ]
 
 
+class _GalleyApp(Starlette):
+    def build_middleware_stack(self) -> ASGIApp:
+        # Outermost, so that even the bare 500 of ServerErrorMiddleware carries the headers.
+        return SecurityHeaders(super().build_middleware_stack())
+
+
 def create_app(settings: Settings | None = None, resources: Resources | None = None) -> Starlette:
     """Build the Galley ASGI app. ``resources`` (tests) are used as given and not closed."""
 
@@ -56,10 +62,9 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
             if owned:
                 res.close()
 
-    app = Starlette(
+    app = _GalleyApp(
         routes=_routes(),
         lifespan=lifespan,
-        middleware=[Middleware(SecurityHeaders)],
         exception_handlers={
             errors.ApiError: errors.handle_api_error,
             HTTPException: errors.handle_http_exception,

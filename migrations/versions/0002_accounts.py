@@ -267,6 +267,17 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("role", "permission", name=op.f("pk_role_permissions")),
     )
+    # The audit log is append-only in the database too: an UPDATE is refused outright.
+    if op.get_bind().dialect.name == "sqlite":
+        op.execute(
+            "CREATE TRIGGER audit_log_append_only BEFORE UPDATE ON audit_log "
+            "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
+        )
+    else:
+        op.execute(
+            "CREATE TRIGGER audit_log_append_only BEFORE UPDATE ON audit_log FOR EACH ROW "
+            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'audit_log is append-only'"
+        )
     permissions = sa.table("permissions", sa.column("slug"), sa.column("description"))
     role_permissions = sa.table("role_permissions", sa.column("role"), sa.column("permission"))
     op.bulk_insert(

@@ -155,3 +155,20 @@ def test_the_app_uses_redis_for_limits_when_configured(
         res.pubsub.close()
         if res.redis is not None:
             res.redis.close()
+
+
+def test_the_lockout_counts_per_account_whether_email_or_username_is_used(
+    client: Any, resources: Resources, staff: User, db: Engine
+) -> None:
+    from sqlalchemy import update
+
+    from sync_server.tables import users
+
+    with db.begin() as conn:
+        conn.execute(update(users).where(users.c.id == staff.id).values(username="sam"))
+    _install(resources, RatePolicy(lockout=f"2/{WINDOW * 30} seconds"))
+    login(client, staff, password="guess guess guess")
+    client.post("/api/v1/auth/login", json={"username": "sam", "password": "guess again"})
+    locked = client.post("/api/v1/auth/login", json={"username": "sam", "password": staff.password})
+    assert locked.status_code == 429
+    assert locked.json()["code"] == "account_locked"

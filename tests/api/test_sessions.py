@@ -205,3 +205,30 @@ def test_logout_needs_the_access_token_and_a_refresh_token_of_the_same_user(
         == 401
     )
     assert alice.get("/api/v1/users/me").status_code == 200
+
+
+def test_racing_refreshes_of_one_token_never_yield_two_live_sessions(
+    client: Any, sign_in: Any, staff: User
+) -> None:
+    import threading
+
+    session = sign_in(staff)
+    results: list[Any] = []
+
+    def refresh() -> None:
+        results.append(
+            client.post("/api/v1/auth/refresh", json={"refresh_token": session.refresh_token})
+        )
+
+    threads = [threading.Thread(target=refresh) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [r.json()["data"] for r in results if r.status_code == 200]
+    assert len(winners) <= 1
+    assert all(r.status_code in (200, 401) for r in results)
+    # The losers presented a rotated token: the family is revoked, the winner's pair included.
+    for winner in winners:
+        again = client.post("/api/v1/auth/refresh", json={"refresh_token": winner["refresh_token"]})
+        assert again.status_code == 401
