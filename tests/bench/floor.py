@@ -5,8 +5,8 @@
 * Push: "locked-counter transactions" from the same number of threads on the same number of
   counters as the push run: ``BEGIN; SELECT … FOR UPDATE`` the counter; ``UPDATE`` it; ``INSERT``
   one row; ``COMMIT``. That is the least any gap-free versioned write can cost.
-* Pull with nothing new: the statements one such pull runs (identity, device, write checkpoint,
-  scope heads, one range probe per scope) on one connection, no HTTP.
+* Pull with nothing new: the statements one such pull runs (identity, session revocation, device,
+  write checkpoint, scope heads, one range probe per scope) on one connection, no HTTP.
 """
 
 from __future__ import annotations
@@ -146,6 +146,12 @@ def idle_pull_floor(
                 cur.execute(
                     "SELECT id, role, display_name, is_active, token_epoch FROM users WHERE id=%s",
                     (user_id,),
+                )
+                cur.fetchall()
+                cur.execute(
+                    "SELECT id FROM refresh_tokens WHERE access_jti=%s"
+                    " AND revoked_at IS NOT NULL LIMIT 1",
+                    ("bench-token-id",),
                 )
                 cur.fetchall()
                 cur.execute("SELECT branch_id FROM user_branches WHERE user_id=%s", (user_id,))
