@@ -177,7 +177,11 @@ def login(ctx: Context, body: schemas.LoginRequest) -> Reply:
     errors=(401, 429),
 )
 def refresh(ctx: Context, body: schemas.RefreshRequest) -> Reply:
-    ctx.limiter.enforce(ctx.limiter.policy.refresh_per_ip, "refresh-ip", ctx.ip)
+    policy = ctx.limiter.policy
+    ctx.limiter.enforce(policy.refresh_per_ip, "refresh-ip", ctx.ip)
+    owner = sessions.owner_of(ctx.resources.engine, body.refresh_token)
+    if owner is not None:
+        ctx.limiter.enforce(policy.refresh_per_account, "refresh-account", owner)
     user_id, tokens = sessions.rotate(ctx.resources, body.refresh_token, ip=ctx.ip, now=ctx.now)
     with ctx.resources.engine.connect() as conn:
         user = load_user(conn, ctx.resources.cipher, user_id)

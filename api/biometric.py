@@ -239,6 +239,7 @@ def biometric_login(ctx: Context, body: schemas.BiometricLogin) -> Reply:
     if credential is None:
         raise refused
     user_id: str = credential.user_id
+    ctx.limiter.enforce(policy.biometric_per_account, "biometric-account", user_id)
     lockout_key = f"biometric:{user_id}"
     check_lockout(ctx, lockout_key, user_id)
     key = devicekeys.parse_public_key(ctx.resources.cipher.decrypt(credential.public_key_enc))[1]

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Connection, Engine, Row
 
 from domain.roles import Role
 from sync_server import audit
@@ -121,6 +121,16 @@ def session_of(conn: Connection, access_jti: str) -> Row[Any, Any, Any] | None:
             refresh_tokens.c.access_jti == access_jti
         )
     ).first()
+
+
+def owner_of(engine: Engine, presented: str) -> str | None:
+    """The user a refresh token was issued to (for per-account rate limits), if any."""
+    with engine.connect() as conn:
+        owner = conn.execute(
+            select(refresh_tokens.c.user_id).where(refresh_tokens.c.token_hash == digest(presented))
+        ).scalar()
+        conn.rollback()
+    return owner
 
 
 def invalid_refresh() -> ApiError:

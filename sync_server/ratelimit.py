@@ -28,8 +28,10 @@ class RatePolicy:
     login_per_ip: str = "30/minute"
     login_per_account: str = "10/minute"
     refresh_per_ip: str = "60/minute"
+    refresh_per_account: str = "30/minute"
     biometric_per_ip: str = "30/minute"
     biometric_per_device: str = "10/minute"
+    biometric_per_account: str = "10/minute"
     #: Failed password or biometric attempts per account before a temporary lockout.
     lockout: str = "5/15 minutes"
 

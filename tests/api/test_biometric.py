@@ -321,3 +321,19 @@ def test_failed_biometric_attempts_lock_the_account_and_challenges_are_rate_limi
     limited = client.post("/api/v1/auth/biometric/challenge", json={"device_id": device.device_id})
     assert limited.status_code == 429
     assert "Retry-After" in limited.headers
+
+
+def test_biometric_sign_in_is_rate_limited_per_account(
+    sign_in: Any, enabled_staff: User, phone: Any, resources: Resources
+) -> None:
+    from sync_server.ratelimit import RateLimiter, RatePolicy
+
+    device = phone()
+    device.register(sign_in(enabled_staff))
+    resources.extras["ratelimiter"] = RateLimiter(
+        None, RatePolicy(biometric_per_account="1/60 seconds")
+    )
+    assert device.login().status_code == 200
+    limited = device.login()
+    assert limited.status_code == 429
+    assert limited.json()["code"] == "rate_limited"

@@ -172,3 +172,25 @@ def test_the_lockout_counts_per_account_whether_email_or_username_is_used(
     locked = client.post("/api/v1/auth/login", json={"username": "sam", "password": staff.password})
     assert locked.status_code == 429
     assert locked.json()["code"] == "account_locked"
+
+
+def test_refresh_is_rate_limited_per_account(
+    client: Any, resources: Resources, sign_in: Any, factory: Factory
+) -> None:
+    user, other = factory.user("staff"), factory.user("staff")
+    phone, tablet, elsewhere = sign_in(user), sign_in(user), sign_in(other)
+    _install(resources, RatePolicy(refresh_per_account=f"2/{WINDOW * 30} seconds"))
+    first = client.post("/api/v1/auth/refresh", json={"refresh_token": phone.refresh_token})
+    assert first.status_code == 200
+    second = client.post("/api/v1/auth/refresh", json={"refresh_token": tablet.refresh_token})
+    assert second.status_code == 200
+    third = client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": first.json()["data"]["refresh_token"]}
+    )
+    assert third.status_code == 429
+    assert (
+        client.post(
+            "/api/v1/auth/refresh", json={"refresh_token": elsewhere.refresh_token}
+        ).status_code
+        == 200
+    )
