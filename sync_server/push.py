@@ -188,8 +188,13 @@ def apply_change_set(
     change_set: m.ChangeSet,
     registry: Registry,
     now: datetime,
+    refusal: OpIssue | None = None,
 ) -> m.Outcome | SeqGap:
-    """Apply one change-set inside the caller's transaction (the caller commits)."""
+    """Apply one change-set inside the caller's transaction (the caller commits).
+
+    With ``refusal`` the change-set is not planned again but recorded as rejected for that
+    reason (it consumes its seq: step 7), after the database refused to apply it.
+    """
     # Step 1: lock the device row. Every push of this device queues here, so two racing copies
     # of the same change-set cannot both see it as new.
     last = conn.execute(
@@ -204,6 +209,16 @@ def apply_change_set(
         return SeqGap(expected=last + 1)
 
     change_set_id = change_set.id.lower()
+    if refusal is not None and not _id_taken(conn, change_set_id):
+        return _record(
+            conn,
+            device_id=device_id,
+            principal=principal,
+            change_set=change_set,
+            record_id=change_set_id,
+            outcome=_outcome_for(change_set, Plan(errors=[refusal]), {}, []),
+            now=now,
+        )
     if _id_taken(conn, change_set_id):
         # A reused id (a client bug, or two devices sharing a generator) cannot be recorded
         # under its own id: reject it, consuming the seq, under an id derived from the seq so
@@ -372,7 +387,8 @@ def push(
     gap: SeqGap | None = None
     for change_set in change_sets:
         result: m.Outcome | SeqGap | None = None
-        for _attempt in range(3):
+        refusal: OpIssue | None = None
+        for attempt in range(4):
             try:
                 result = run_in_transaction(
                     engine,
@@ -382,15 +398,26 @@ def push(
                         principal=principal,
                         change_set=change_set,
                         registry=registry,
+                        refusal=refusal,
                     ),
                 )
                 break
             except ScopeNotLocked:
                 continue
-            except IntegrityError:
-                # Step 7 lost a race on the change-set id with another device; the retry sees
-                # the committed twin and rejects this one as a duplicate.
-                continue
+            except IntegrityError as exc:
+                if refusal is None and attempt == 0:
+                    # Perhaps step 7 lost a race on the change-set id with another device:
+                    # the retry sees the committed twin and rejects this one as a duplicate.
+                    continue
+                # The database itself refuses the writes (a constraint the planner did not
+                # foresee). Failing every retry with a 500 would block the device's queue
+                # forever: record the change-set as rejected instead, and move on.
+                log.warning("change-set %s refused by the database: %s", change_set.id, exc.orig)
+                refusal = OpIssue(
+                    -1,
+                    "constraint_violation",
+                    "the database refused the change-set: a value clashes with an existing row",
+                )
         if result is None:
             raise RuntimeError("change-set could not be applied after retries")
         if isinstance(result, SeqGap):

@@ -492,3 +492,34 @@ def test_an_applied_push_announces_each_scope_s_new_version(
     finally:
         stop()
     assert heard == [("galley:scope:org", str(outcome["versions"]["org"]).encode())]
+
+
+def test_a_change_set_the_database_refuses_is_rejected_and_the_queue_moves_on(
+    client: Any, db: Engine, factory: Factory, cheap_passwords: None
+) -> None:
+    # An admin may write any branch; one that does not exist is refused by the foreign key,
+    # which the planner cannot see. Failing with 500 on every retry would wedge the device.
+    admin = factory.user("admin")
+    dev = Device(factory.device(admin), admin, factory.auth(admin))
+    before = server_rows(db)
+
+    outcome = push(client, dev, create("inventory_items", new_id(), **item(branch_id=new_id())))
+
+    assert outcome["status"] == "rejected"
+    assert outcome["errors"][0]["code"] == "constraint_violation"
+    assert server_rows(db) == before
+    assert last_applied_seq(db, dev.id) == 1
+    assert push(client, dev, create("menu_items", new_id(), **dish()))["status"] == "applied"
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [("i", "\u0131"), ("STRASSE", "STRA\u00dfE"), ("\u00c5", "A")]
+)
+def test_skus_the_database_may_consider_equal_never_wedge_the_queue(
+    client: Any, db: Engine, kitchen: Kitchen, first: str, second: str
+) -> None:
+    dev = kitchen.manager
+    push(client, dev, create("inventory_items", new_id(), **item(sku=first)))
+    outcome = push(client, dev, create("inventory_items", new_id(), **item(sku=second)))
+    assert outcome["status"] in ("applied", "applied_with_conflicts", "rejected")
+    assert push(client, dev, create("inventory_items", new_id(), **item()))["status"] == "applied"
