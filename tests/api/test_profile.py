@@ -90,6 +90,8 @@ def test_invalid_values_are_a_422_naming_the_field(sign_in: Any, staff: User) ->
         ("short", "at least 12"),
         ("password1234", "too common"),
         ("aaaaaaaaaaaaaaaa", "too common"),
+        ("iloveyou2024!", "too common"),
+        ("qwertyuiop123", "too common"),
     ],
 )
 def test_the_password_policy_is_enforced(
