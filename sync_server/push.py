@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from conflict.planner import OpIssue, Plan, plan_change_set, touched_keys
 from domain.fields import Field
@@ -250,7 +250,15 @@ def apply_change_set(
 
     # Step 5: the functional core decides.
     unique_index = _unique_index(conn, ops, rows, principal, registry)
-    plan = plan_change_set(ops, principal, rows, registry, unique_index)
+    try:
+        plan = plan_change_set(ops, principal, rows, registry, unique_index)
+    except Exception:
+        # A bug in the pure core fails the same way on every retry: answering 500 would block
+        # the device's queue for good. Reject and keep the change-set for review instead.
+        log.exception("planning change-set %s of device %s failed", change_set.id, device_id)
+        plan = Plan(
+            errors=[OpIssue(-1, "server_error", "the server could not process this change-set")]
+        )
 
     # Step 6: write the plan: rows and their records at the scope's next version, conflicts.
     conflict_ids: list[str] = []
@@ -404,7 +412,7 @@ def push(
                 break
             except ScopeNotLocked:
                 continue
-            except IntegrityError as exc:
+            except (IntegrityError, DataError) as exc:
                 if refusal is None and attempt == 0:
                     # Perhaps step 7 lost a race on the change-set id with another device:
                     # the retry sees the committed twin and rejects this one as a duplicate.

@@ -11,9 +11,13 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import Engine
 
+from domain.registry import IntentSpec, Registry
+from domain.roles import Role
+from sync_server.push import push as engine_push
 from tests.factories import Factory, User
 from tests.syncing import (
     MSGPACK,
+    REGISTRY,
     change_set,
     change_set_records,
     cheap_passwords,
@@ -27,10 +31,12 @@ from tests.syncing import (
     new_id,
     patch,
     post,
+    principal,
     push_body,
     scope_heads,
     server_rows,
     snapshot,
+    to_change_sets,
 )
 
 
@@ -523,3 +529,34 @@ def test_skus_the_database_may_consider_equal_never_wedge_the_queue(
     outcome = push(client, dev, create("inventory_items", new_id(), **item(sku=second)))
     assert outcome["status"] in ("applied", "applied_with_conflicts", "rejected")
     assert push(client, dev, create("inventory_items", new_id(), **item()))["status"] == "applied"
+
+
+def test_a_change_set_that_crashes_the_planner_is_rejected_and_the_queue_moves_on(
+    db: Engine, kitchen: Kitchen
+) -> None:
+    def explode(args: Any, rows: Any) -> Any:
+        raise ZeroDivisionError("a bug in an intent")
+
+    broken = IntentSpec("menu.explode", {}, frozenset(Role), targets=lambda args: [], apply=explode)
+    registry = Registry(REGISTRY.entities, {**REGISTRY.intents, broken.name: broken})
+    dev = kitchen.staff
+
+    result = engine_push(
+        db,
+        device_id=dev.id,
+        principal=principal(dev.user),
+        change_sets=to_change_sets(change_set(1, intent("menu.explode"))),
+        registry=registry,
+    )
+
+    (outcome,) = result.outcomes
+    assert (outcome.status, outcome.errors[0].code) == ("rejected", "server_error")
+    assert result.last_applied_seq == 1
+    after = engine_push(
+        db,
+        device_id=dev.id,
+        principal=principal(dev.user),
+        change_sets=to_change_sets(change_set(2, create("inventory_items", new_id(), **item()))),
+        registry=registry,
+    )
+    assert after.outcomes[0].status == "applied"
