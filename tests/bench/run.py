@@ -53,6 +53,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--layouts", default=",".join(LAYOUTS), help=f"push layouts to run, of {list(LAYOUTS)}"
     )
     parser.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes (default 1, as `galley serve`)",
+    )
+    parser.add_argument(
         "--profile",
         metavar="FILE",
         help="run the server under py-spy: a flame graph (.svg) or collapsed stacks (other)",
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     syncs: dict[int, InitialSync] = {}
     #: Server CPU seconds per measured phase (what a core of the server process costs).
     server_cpu: dict[str, float] = {}
-    with ServerProcess(database_url, redis_url, args.profile) as server:
+    with ServerProcess(database_url, redis_url, args.profile, args.server_workers) as server:
         for limit in (m.MAX_PULL_LIMIT, m.DEFAULT_PULL_LIMIT):
             for _ in range(args.repeats):
                 say(f"initial sync, limit {limit}")
@@ -221,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             cpu = server_cpu[name]
             lines.append(
                 Line(
-                    f"push server CPU per change-set ms, busy % ({where})",
+                    f"push CPU per change-set ms, server busy %, client busy % ({where})",
                     f"{cpu / push.change_sets.count * 1000:.1f}, "
-                    f"{cpu / push.change_sets.seconds:.0%}",
+                    f"{cpu / push.change_sets.seconds:.0%}, "
+                    f"{push.client_cpu / push.change_sets.seconds:.0%}",
                 )
             )
         lines.append(
@@ -242,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.python_version()}, {database_url.rsplit('@', 1)[-1]}"
     )
     print(
+        f"server: uvicorn, {args.server_workers} worker process(es); "
         f"replica: {args.rows:,} inventory rows, {args.rows_per_version} per version; push: "
         f"change-sets of {args.ops_per_change_set} ops (1 create + renames of the device's "
         f"items); floors measured in this run (see tests/bench/floor.py)"

@@ -38,9 +38,14 @@ class ServerProcess:
     """
 
     def __init__(
-        self, database_url: str, redis_url: str | None, profile_to: str | None = None
+        self,
+        database_url: str,
+        redis_url: str | None,
+        profile_to: str | None = None,
+        workers: int = 1,
     ) -> None:
         self.database_url = database_url
+        self.workers = workers
         self.redis_url = redis_url
         self.profile_to = profile_to
         #: Extra py-spy flags, e.g. ``--gil`` (only the thread holding the GIL: CPU hotspots).
@@ -72,6 +77,8 @@ class ServerProcess:
             "--log-level",
             "warning",
             "--no-access-log",
+            "--workers",
+            str(self.workers),
         ]
         if self.profile_to:
             # A .svg gets a flame graph; any other name the collapsed stacks, for grep and sort.
@@ -119,8 +126,9 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float | None:
         """CPU time (user + system) the server process has used so far; None where /proc is
-        not available, or when py-spy stands between us and the server."""
-        if self.process is None or self.profile_to:
+        not available, when py-spy stands between us and the server, or with several worker
+        processes (their time is not the parent's)."""
+        if self.process is None or self.profile_to or self.workers > 1:
             return None
         try:
             fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -252,6 +260,8 @@ class PushRun:
     requests: int
     statuses: Counter[str]
     latency_ms: dict[str, float]
+    #: CPU seconds of this (client) process during the run, all pushing threads together.
+    client_cpu: float
 
 
 @dataclass
@@ -377,6 +387,7 @@ def push_run(
     for thread in threads:
         thread.start()
     start.wait()
+    cpu_began = time.process_time()
     began = time.perf_counter()
     stop.wait(seconds)
     stop.set()
@@ -391,4 +402,5 @@ def push_run(
         totals["requests"],
         statuses,
         percentiles(latencies),
+        time.process_time() - cpu_began,
     )
