@@ -28,7 +28,7 @@ from sync_server.tables import branches, user_branches, users
 
 from . import password_policy, schemas, sessions
 from .contract import Context, Reply, not_found
-from .users import load_user
+from .users import load_user, load_users
 from .v1 import api
 
 _RANK = {Role.STAFF.value: 0, Role.MANAGER.value: 1, Role.ADMIN.value: 2}
@@ -136,7 +136,7 @@ def list_staff(ctx: Context, _body: None) -> Reply:
     with ctx.resources.engine.connect() as conn:
         ids = list(conn.execute(query).scalars())
         ids, meta = ctx.page.meta(ids, key=lambda user_id: user_id)
-        data = [_user(ctx, conn, user_id) for user_id in ids]
+        data = load_users(conn, ctx.resources.cipher, ids)
         conn.rollback()
     return Reply(data, meta)
 

@@ -23,29 +23,42 @@ from .contract import Context, Reply
 from .v1 import api
 
 
+def load_users(conn: Connection, cipher: FieldCipher, user_ids: list[str]) -> list[schemas.User]:
+    """The public representations of ``user_ids`` (in that order; unknown ids are skipped), in
+    two queries whatever their number."""
+    if not user_ids:
+        return []
+    rows = {row.id: row for row in conn.execute(select(users).where(users.c.id.in_(user_ids)))}
+    memberships: dict[str, list[str]] = {}
+    for user_id, branch_id in conn.execute(
+        select(user_branches.c.user_id, user_branches.c.branch_id).where(
+            user_branches.c.user_id.in_(user_ids)
+        )
+    ):
+        memberships.setdefault(user_id, []).append(branch_id)
+    return [
+        schemas.User(
+            id=row.id,
+            email=row.email,
+            username=row.username,
+            display_name=row.display_name,
+            phone=cipher.decrypt(row.phone_enc) if row.phone_enc else None,
+            role=row.role,
+            branch_ids=sorted(memberships.get(row.id, [])),
+            is_active=bool(row.is_active),
+            biometric_enabled=bool(row.biometric_enabled),
+            last_password_login_at=row.last_password_login_at,
+            created_at=row.created_at,
+        )
+        for row in (rows.get(user_id) for user_id in user_ids)
+        if row is not None
+    ]
+
+
 def load_user(conn: Connection, cipher: FieldCipher, user_id: str) -> schemas.User | None:
     """The public representation of a user (contact data decrypted), or None."""
-    row = conn.execute(select(users).where(users.c.id == user_id)).first()
-    if row is None:
-        return None
-    branch_ids = sorted(
-        conn.execute(
-            select(user_branches.c.branch_id).where(user_branches.c.user_id == user_id)
-        ).scalars()
-    )
-    return schemas.User(
-        id=row.id,
-        email=row.email,
-        username=row.username,
-        display_name=row.display_name,
-        phone=cipher.decrypt(row.phone_enc) if row.phone_enc else None,
-        role=row.role,
-        branch_ids=branch_ids,
-        is_active=bool(row.is_active),
-        biometric_enabled=bool(row.biometric_enabled),
-        last_password_login_at=row.last_password_login_at,
-        created_at=row.created_at,
-    )
+    found = load_users(conn, cipher, [user_id])
+    return found[0] if found else None
 
 
 def session_reply(tokens: sessions.Tokens, user: schemas.User, status: int = 200) -> Reply:
