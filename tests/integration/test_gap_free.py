@@ -6,6 +6,10 @@ window in which a timestamp- or sequence-cursor design loses late commits. A led
 write at the moment its transaction commits, so after every complete pull (``has_more`` false)
 the oracle knows exactly what a replica at the puller's cursor must hold: for each row, its
 latest write at or below the cursor. Nothing committed at or below a cursor may be missing.
+(Only complete pulls are checked: a page cut short holds the latest images of the rows it
+carries, not the state at its cursor, which is why clients stage pages until caught up.)
+At the end, every committed write was delivered to every puller or superseded by a later write
+of the same row that was, and each replica equals the server's rows exactly.
 
 Run on SQLite and MariaDB (the one that matters: real row locks, READ COMMITTED writers,
 REPEATABLE READ pulls). Breaking the counter lock (reading the version without FOR UPDATE)
@@ -148,6 +152,8 @@ class Puller:
         default_factory=lambda: defaultdict(dict)
     )
     checks: int = 0
+    #: Every (row, version) any page delivered, tombstones included.
+    seen: set[tuple[Key, int]] = field(default_factory=set)
 
     def pull_until_caught_up(self, db: Engine, book: CommitLedger, limit: int) -> None:
         role = Role(self.user.role)
@@ -167,6 +173,7 @@ class Puller:
             for c in page.changes:
                 assert c.version > self.cursors.get(c.scope, 0), "a change at or below the cursor"
                 rows = self.replica[c.scope]
+                self.seen.add(((c.entity, c.id), c.version))
                 if c.deleted:
                     rows.pop((c.entity, c.id), None)
                 else:
@@ -318,6 +325,17 @@ def test_pullers_never_miss_a_commit_while_pushers_race_with_late_commits(
     for p in pullers:
         p.pull_until_caught_up(db, ledger, limit=50)
         assert p.checks > 1
+        # Every committed write at or below the final cursor was delivered, or superseded by a
+        # later write of the same row that was.
+        for scope in p.scopes:
+            writes = ledger.history[scope]
+            for w in writes:
+                assert (w.key, w.version) in p.seen or any(
+                    later.key == w.key
+                    and later.version > w.version
+                    and (later.key, later.version) in p.seen
+                    for later in writes
+                ), f"{p.device} never received {w}"
         role = Role(p.user.role)
         for scope in p.scopes:
             expected = {
