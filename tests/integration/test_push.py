@@ -560,3 +560,22 @@ def test_a_change_set_that_crashes_the_planner_is_rejected_and_the_queue_moves_o
         registry=registry,
     )
     assert after.outcomes[0].status == "applied"
+
+
+def test_a_different_change_set_under_an_applied_seq_gets_the_stored_outcome_naming_the_original(
+    client: Any, db: Engine, kitchen: Kitchen
+) -> None:
+    # A reinstalled app reusing its device id numbers from 1 again: the answer names the
+    # change-set the server applied under that seq, so the client can tell and renumber.
+    dev = kitchen.manager
+    original = change_set(1, create("inventory_items", new_id(), **item()))
+    post(client, "push", push_body(dev.id, original), dev.headers)
+    state = snapshot(db)
+    newcomer = change_set(1, create("inventory_items", new_id(), **item()))
+
+    _, body = post(client, "push", push_body(dev.id, newcomer), dev.headers)
+
+    (outcome,) = body["outcomes"]
+    assert outcome["replayed"] is True
+    assert outcome["change_set_id"] == original["id"] != newcomer["id"]
+    assert snapshot(db) == state
