@@ -188,11 +188,13 @@ def apply_change_set(
     change_set: m.ChangeSet,
     registry: Registry,
     now: datetime,
+    recheck: bool = False,
     refusal: OpIssue | None = None,
 ) -> m.Outcome | SeqGap:
     """Apply one change-set inside the caller's transaction (the caller commits).
 
-    With ``refusal`` the change-set is not planned again but recorded as rejected for that
+    ``recheck`` (after a failed attempt) first looks for an earlier change-set with the same
+    id. With ``refusal`` the change-set is not planned again but recorded as rejected for that
     reason (it consumes its seq: step 7), after the database refused to apply it.
     """
     # Step 1: lock the device row. Every push of this device queues here, so two racing copies
@@ -209,21 +211,10 @@ def apply_change_set(
         return SeqGap(expected=last + 1)
 
     change_set_id = change_set.id.lower()
-    if refusal is not None and not _id_taken(conn, change_set_id):
-        return _record(
-            conn,
-            device_id=device_id,
-            principal=principal,
-            change_set=change_set,
-            record_id=change_set_id,
-            outcome=_outcome_for(change_set, Plan(errors=[refusal]), {}, []),
-            now=now,
-        )
-    if _id_taken(conn, change_set_id):
-        # A reused id (a client bug, or two devices sharing a generator) cannot be recorded
-        # under its own id: reject it, consuming the seq, under an id derived from the seq so
-        # the queue moves on (step 7). A concurrent reuse fails the insert instead, and the
-        # retry in push() lands here.
+    if recheck and _id_taken(conn, change_set_id):
+        # The id was already used (a client bug, or two devices sharing a generator): the
+        # record insert of step 7 failed on it. It cannot be recorded under its own id, so it
+        # is rejected under an id derived from the seq, consuming the seq so the queue moves on.
         return _record(
             conn,
             device_id=device_id,
@@ -231,6 +222,16 @@ def apply_change_set(
             change_set=change_set,
             record_id=str(uuid.uuid5(_DERIVED_IDS, f"{device_id}:{change_set.seq}")),
             outcome=_outcome_for(change_set, _duplicate_id_plan(change_set), {}, []),
+            now=now,
+        )
+    if refusal is not None:
+        return _record(
+            conn,
+            device_id=device_id,
+            principal=principal,
+            change_set=change_set,
+            record_id=change_set_id,
+            outcome=_outcome_for(change_set, Plan(errors=[refusal]), {}, []),
             now=now,
         )
 
@@ -406,6 +407,7 @@ def push(
                         principal=principal,
                         change_set=change_set,
                         registry=registry,
+                        recheck=attempt > 0,
                         refusal=refusal,
                     ),
                 )
@@ -414,8 +416,9 @@ def push(
                 continue
             except (IntegrityError, DataError) as exc:
                 if refusal is None and attempt == 0:
-                    # Perhaps step 7 lost a race on the change-set id with another device:
-                    # the retry sees the committed twin and rejects this one as a duplicate.
+                    # Perhaps the change-set id is taken (step 7's insert failed on it): the
+                    # retry looks for it and rejects this one as a duplicate. Checking only
+                    # then keeps a query off every push.
                     continue
                 # The database itself refuses the writes (a constraint the planner did not
                 # foresee). Failing every retry with a 500 would block the device's queue
