@@ -253,6 +253,7 @@ def test_a_staff_device_receives_its_branch_and_the_organisation_only(
     assert org.staff_b.id not in ids  # its devices are not
     # Asking for the other branch's scope by cursor changes nothing.
     page = pull(client, org.staff, {branch_scope(org.b): 0})
+    assert pull(client, org.staff, {branch_scope(org.b): 10**9})["cursors"] == page["cursors"]
     assert branch_scope(org.b) not in page["cursors"]
     assert not set(in_b) & {c["id"] for c in page["changes"]}
 
