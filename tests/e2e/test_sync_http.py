@@ -36,6 +36,7 @@ from tests.syncing import (
     post,
     pull_body,
     push_body,
+    server_rows,
     snapshot,
 )
 
@@ -508,3 +509,24 @@ def test_a_revoked_device_may_neither_push_nor_pull(client: Any, db: Engine, set
     ):
         assert_error_shape(raw(client, path, body, setup.headers), 403, "device_forbidden")
     assert snapshot(db) == before
+
+
+def test_registering_a_device_is_idempotent_and_reports_where_to_resume(
+    client: Any, db: Engine, setup: Setup
+) -> None:
+    device = new_id()
+    body = {"protocol": PROTOCOL, "device_id": device, "platform": "android", "app_version": "2.1"}
+
+    status, first = post(client, "devices", body, setup.headers)
+    assert status == 200
+    assert first["device_id"] == device and first["user_id"] == setup.user.id
+    assert first["last_applied_seq"] == 0
+    assert first["scopes"] == ["org", f"branch:{setup.user.branch_ids[0]}"]
+    post(client, "push", push_body(device, good_cs(1), good_cs(2)), setup.headers)
+
+    status, again = post(client, "devices", {**body, "device_id": device.upper()}, setup.headers)
+
+    assert status == 200
+    assert again["last_applied_seq"] == 2  # a reinstall resumes at seq 3, never replays 1
+    rows = [r for (e, i), r in server_rows(db).items() if e == "devices" and i == device]
+    assert [r["data"]["platform"] for r in rows] == ["android"]
