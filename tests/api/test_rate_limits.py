@@ -13,7 +13,6 @@ from sync_server.account_tables import audit_log
 from sync_server.ratelimit import RateLimiter, RatePolicy
 from sync_server.resources import Resources
 from tests.api.conftest import login
-from tests.conftest import TEST_REDIS_URL
 from tests.factories import Factory, User
 
 WINDOW = 2  # seconds: short windows so recovery is observable in a test
@@ -117,11 +116,12 @@ def test_the_client_ip_comes_from_x_forwarded_for_only_behind_a_trusted_proxy(
 
 
 @pytest.mark.integration
-def test_limits_are_shared_through_redis_between_processes(redis_client: Any) -> None:
-    assert TEST_REDIS_URL is not None
+def test_limits_are_shared_through_redis_between_processes(
+    redis_client: Any, redis_url: str
+) -> None:
     policy = RatePolicy(lockout=f"2/{WINDOW} seconds")
-    first = RateLimiter(TEST_REDIS_URL, policy)
-    second = RateLimiter(TEST_REDIS_URL, policy)  # another server process
+    first = RateLimiter(redis_url, policy)
+    second = RateLimiter(redis_url, policy)  # another server process
     assert first.hit(policy.lockout, "lockout", "sam@example.test").allowed
     assert second.hit(policy.lockout, "lockout", "sam@example.test").allowed
     refused = first.hit(policy.lockout, "lockout", "sam@example.test")
@@ -134,7 +134,7 @@ def test_limits_are_shared_through_redis_between_processes(redis_client: Any) ->
 
 @pytest.mark.integration
 def test_the_app_uses_redis_for_limits_when_configured(
-    redis_client: Any, db: Engine, factory: Factory
+    redis_client: Any, redis_url: str, db: Engine, factory: Factory
 ) -> None:
     from starlette.testclient import TestClient
 
@@ -142,7 +142,7 @@ def test_the_app_uses_redis_for_limits_when_configured(
     from sync_server.resources import build_resources
     from tests.conftest import make_settings
 
-    settings = make_settings(db.url.render_as_string(hide_password=False), redis_url=TEST_REDIS_URL)
+    settings = make_settings(db.url.render_as_string(hide_password=False), redis_url=redis_url)
     res = build_resources(settings, engine=db)
     try:
         user = factory.user("staff")
