@@ -209,14 +209,15 @@ def logout(ctx: Context, body: schemas.LogoutRequest, conn: Connection) -> Reply
     ).first()
     if row is None or row.user_id != ctx.user.user_id:
         raise sessions.invalid_refresh()
-    revoked = sessions.revoke_family(conn, row.family_id, "logout", ctx.now)
-    audit.record(
-        conn,
-        audit.LOGOUT,
-        actor=ctx.user.user_id,
-        subject=ctx.user.user_id,
-        ip=ctx.ip,
-        details={"family_id": row.family_id, "sessions_revoked": revoked},
-        now=ctx.now,
-    )
+    sessions.revoke_family(conn, row.family_id, "logout", ctx.now)
+    for event in (audit.LOGOUT, audit.TOKEN_FAMILY_REVOKED):
+        audit.record(
+            conn,
+            event,
+            actor=ctx.user.user_id,
+            subject=ctx.user.user_id,
+            ip=ctx.ip,
+            details={"reason": "logout", "family_ids": [row.family_id]},
+            now=ctx.now,
+        )
     return Reply(status=204)

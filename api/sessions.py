@@ -103,15 +103,35 @@ def revoke_family(conn: Connection, family_id: str, reason: str, now: datetime) 
 
 
 def revoke_user_sessions(
-    conn: Connection, user_id: str, reason: str, now: datetime, *, keep_family: str | None = None
-) -> int:
-    """Revoke every session of ``user_id`` (but ``keep_family``)."""
-    query = update(refresh_tokens).where(
+    conn: Connection,
+    user_id: str,
+    reason: str,
+    now: datetime,
+    *,
+    keep_family: str | None = None,
+    actor: str | None = None,
+    ip: str | None = None,
+) -> list[str]:
+    """Revoke every session of ``user_id`` (but ``keep_family``), audited; the families revoked."""
+    query = select(refresh_tokens.c.family_id).where(
         refresh_tokens.c.user_id == user_id, refresh_tokens.c.revoked_at.is_(None)
     )
     if keep_family is not None:
         query = query.where(refresh_tokens.c.family_id != keep_family)
-    return int(conn.execute(query.values(revoked_at=now, revoked_reason=reason)).rowcount)
+    families = sorted(set(conn.execute(query).scalars()))
+    for family in families:
+        revoke_family(conn, family, reason, now)
+    if families:
+        audit.record(
+            conn,
+            audit.TOKEN_FAMILY_REVOKED,
+            actor=actor,
+            subject=user_id,
+            ip=ip,
+            details={"reason": reason, "family_ids": families},
+            now=now,
+        )
+    return families
 
 
 def session_of(conn: Connection, access_jti: str) -> Row[Any, Any, Any] | None:

@@ -329,7 +329,9 @@ def deactivate_staff(ctx: Context, _body: None, conn: Connection) -> schemas.Use
             .where(users.c.id == target.id)
             .values(is_active=False, token_epoch=users.c.token_epoch + 1, updated_at=ctx.now)
         )
-        revoked = sessions.revoke_user_sessions(conn, target.id, "deactivated", ctx.now)
+        revoked = sessions.revoke_user_sessions(
+            conn, target.id, "deactivated", ctx.now, actor=actor.user_id, ip=ctx.ip
+        )
         conn.execute(
             update(biometric_credentials)
             .where(
@@ -344,7 +346,7 @@ def deactivate_staff(ctx: Context, _body: None, conn: Connection) -> schemas.Use
             actor=actor.user_id,
             subject=target.id,
             ip=ctx.ip,
-            details={"sessions_revoked": revoked},
+            details={"sessions_revoked": len(revoked)},
             now=ctx.now,
         )
         publish_staff(conn, target.id, ctx.resources.cipher, ctx.now)

@@ -184,7 +184,13 @@ def change_password(ctx: Context, body: schemas.PasswordChange) -> Reply:
             )
         )
         revoked = sessions.revoke_user_sessions(
-            conn, user_id, "password_changed", ctx.now, keep_family=family
+            conn,
+            user_id,
+            "password_changed",
+            ctx.now,
+            keep_family=family,
+            actor=user_id,
+            ip=ctx.ip,
         )
         if family is not None:
             # The current session continues with a fresh pair (the old access token carries the
@@ -209,7 +215,7 @@ def change_password(ctx: Context, body: schemas.PasswordChange) -> Reply:
             actor=user_id,
             subject=user_id,
             ip=ctx.ip,
-            details={"sessions_revoked": revoked},
+            details={"sessions_revoked": len(revoked)},
             now=ctx.now,
         )
         user = load_user(conn, ctx.resources.cipher, user_id)

@@ -161,3 +161,4 @@ def test_changing_the_password_signs_out_other_sessions_and_keeps_this_one(
     with db.connect() as conn:
         events = list(conn.execute(select(audit_log.c.event)).scalars())
     assert "user.password_changed" in events
+    assert "session.family_revoked" in events  # the other session's family

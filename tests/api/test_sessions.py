@@ -188,6 +188,7 @@ def test_logout_revokes_the_refresh_token_and_the_access_token(
     refreshed = client.post("/api/v1/auth/refresh", json={"refresh_token": session.refresh_token})
     assert refreshed.status_code == 401
     assert ("session.logout", "success") in _events(db)
+    assert ("session.family_revoked", "success") in _events(db)
 
 
 def test_logout_needs_the_access_token_and_a_refresh_token_of_the_same_user(

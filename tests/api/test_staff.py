@@ -332,6 +332,7 @@ def test_deactivation_stops_the_users_tokens_at_once_on_the_api_and_sync(
     )
     assert login(client, target).status_code == 401
     assert "user.deactivated" in _audit(db)
+    assert "session.family_revoked" in _audit(db)
 
 
 def test_the_sync_endpoint_refuses_a_signed_out_session(
