@@ -8,9 +8,10 @@ Tiers:
   ``GALLEY_REQUIRE_SERVICES=1`` (CI), where a missing service is a failure.
 * e2e (tests/e2e): over HTTP through the ASGI app.
 
-Each xdist worker gets its own MariaDB database, migrated once; each test starts from empty
-tables (the sync engine commits its own transactions, so rolling back a wrapper transaction
-would not isolate it).
+Each xdist worker gets its own MariaDB database (``<name>_gwN``), migrated once, and its own Redis
+database (configured + N): take URLs from the ``mysql_url``/``redis_url`` fixtures, never from
+``TEST_MYSQL_URL``/``TEST_REDIS_URL`` directly. Each test starts from empty tables (the sync
+engine commits its own transactions, so rolling back a wrapper transaction would not isolate it).
 """
 
 from __future__ import annotations
