@@ -212,6 +212,11 @@ def render_docs(document: dict[str, Any]) -> str:
             if "requestBody" in op:
                 body = op["requestBody"]["content"]["application/json"]["schema"]
                 parts.append(f"<p>Body: <code>{e(_schema_text(body))}</code></p>")
+            for code, response in op["responses"].items():
+                if code.startswith("2") and "content" in response:
+                    envelope = response["content"]["application/json"]["schema"]
+                    data = _schema_text(envelope["properties"]["data"])
+                    parts.append(f"<p>Returns ({e(code)}): <code>data: {e(data)}</code></p>")
             codes = ", ".join(e(code) for code in op["responses"])
             parts.append(f"<p>Responses: {codes}</p></section>")
     parts.append("<h2>Schemas</h2>")
