@@ -39,6 +39,21 @@ TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL")
 TEST_SECRET = "test-secret-key-that-is-long-enough-for-production-checks"
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say up front whether the integration tier runs against real services."""
+
+    def where(url: str | None) -> str:
+        return make_url(url).render_as_string() if url and "://" in url else "not configured"
+
+    redis = TEST_REDIS_URL or "not configured"
+    lines = [f"integration tier: MariaDB {where(TEST_MYSQL_URL)}, Redis {redis}"]
+    if not (TEST_MYSQL_URL and TEST_REDIS_URL):
+        lines.append("  (set TEST_MYSQL_URL and TEST_REDIS_URL to run it; those tests are skipped)")
+    if REQUIRE_SERVICES:
+        lines.append("  GALLEY_REQUIRE_SERVICES=1: a missing service fails the run")
+    return lines
+
+
 def _not_configured(what: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{what} is required (GALLEY_REQUIRE_SERVICES=1) but not configured")
