@@ -19,8 +19,10 @@ any order with small pull pages. Whenever everyone has synced:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from collections import Counter
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,13 @@ from typing import Any
 import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
@@ -37,6 +45,7 @@ from sync_protocol import messages as m
 from sync_protocol.checksums import MOD, row_checksum
 from sync_protocol.client import SyncClient, SyncFailed
 from sync_server.app import create_app
+from sync_server.compaction import compact_tombstones
 from sync_server.resources import Resources
 from sync_server.tables import conflicts, metadata, sync_change_sets, sync_rows, sync_scopes
 from tests.client.harness import (
@@ -96,7 +105,7 @@ def _server_rows(engine: Engine) -> dict[tuple[str, str], Any]:
     return rows
 
 
-def check_effects_present(engine: Engine, dev: Device) -> None:
+def check_effects_present(engine: Engine, dev: Device, purged: set[tuple[str, str]]) -> None:
     """Every applied op's effect is in the final state unless overwritten later or withheld by
     a recorded conflict."""
     rows = _server_rows(engine)
@@ -124,7 +133,9 @@ def check_effects_present(engine: Engine, dev: Device) -> None:
             if ALL_FIELDS in skip:
                 continue
             row = rows.get(key)
-            assert row is not None, f"{key} written by {change_set_id} is missing"
+            if row is None:
+                assert key in purged, f"{key} written by {change_set_id} is missing"
+                continue  # deleted, and its tombstone compacted away
             if effect is None:
                 assert row.deleted, f"{key} deleted by {change_set_id} is back"
                 continue
@@ -207,6 +218,33 @@ def check_scope_sums(engine: Engine) -> None:
         assert [head.row_count, head.checksum] == live.get(scope, [0, 0]), scope
 
 
+#: Known server bug: after a compaction, the second page of any pull from version 0 is answered
+#: reset_required (its cursor is below the new horizon), so a multi-page initial sync never
+#: ends — see the strict xfail test_an_initial_sync_of_several_pages_finishes_after_a_compaction
+#: in tests/client/test_recovery.py. Until it is fixed, compacting in this machine only finds
+#: that bug again; set this to True with the fix.
+PAGED_PULLS_SURVIVE_COMPACTION = False
+
+#: How often each interesting thing happened over a whole run (checked at the end: a run
+#: that never lost an answer or never needed a reset would prove little).
+SEEN: Counter[str] = Counter()
+
+
+def sync_and_count(client: SyncClient) -> None:
+    """Sync, and count what happened."""
+    report = client.sync()
+    for what, happened in (
+        ("rejected", report.rejected),
+        ("conflicts", report.conflicts),
+        ("retries", report.retries),
+        ("reset_required", report.resets),
+        ("renumbered", report.renumbered),
+        ("multi-page pull", report.pages > 1),
+    ):
+        if happened:
+            SEEN[what] += 1
+
+
 def test_replicas_converge_for_any_interleaving(
     db: Engine, resources: Resources, tmp_path_factory: Any
 ) -> None:
@@ -253,6 +291,7 @@ def test_replicas_converge_for_any_interleaving(
             self.dir = Path(tempfile.mkdtemp(dir=root))
             self.stack = ExitStack()
             self.devices = [self._open(name, user) for name, user in people]
+            self.purged: set[tuple[str, str]] = set()
 
         def _open(self, name: str, user: User, device_id: str | None = None) -> Device:
             path = str(self.dir / f"{name}.db")
@@ -401,7 +440,7 @@ def test_replicas_converge_for_any_interleaving(
             dev = self.devices[d]
             dev.http.lose_next, dev.http.lose_paths = lose, where
             try:
-                dev.client.sync()
+                sync_and_count(dev.client)
             except SyncFailed:
                 assert dev.http.offline, "only an offline device may fail to sync"
             finally:
@@ -412,7 +451,7 @@ def test_replicas_converge_for_any_interleaving(
             dev = self.devices[d]
             dev.http.fail_after = requests
             with suppress(SyncFailed):
-                dev.client.sync()  # may finish before the connection drops
+                sync_and_count(dev.client)  # may finish before the connection drops
             dev.http.fail_after = None
 
         @rule(d=DEVICES)
@@ -424,10 +463,37 @@ def test_replicas_converge_for_any_interleaving(
             dev = self.devices[d]
             dev.http.crash_after = requests
             with suppress(Crash, SyncFailed):
-                dev.client.sync()  # may finish before the kill
+                sync_and_count(dev.client)  # may finish before the kill
             dev.http.crash_after = None
             dev.client.close()
             dev.client = device(dev.path, dev.http, factory, dev.user, page_limit=4)
+
+        @precondition(lambda self: PAGED_PULLS_SURVIVE_COMPACTION)
+        @rule(
+            d=st.sampled_from([3, 4, 5]), data=st.data(), entity=st.sampled_from([INVENTORY, MENU])
+        )
+        def manager_deletes_and_server_compacts_tombstones(
+            self, d: int, data: st.DataObject, entity: str
+        ) -> None:
+            # Devices whose cursor is now below the horizon get reset_required next time.
+            dev = self.devices[d]
+            row_id = self._pick(dev, entity, data)
+            if row_id is not None:
+                self._write(dev, [m.Delete(entity, row_id, 0)])
+            with suppress(SyncFailed):
+                sync_and_count(dev.client)
+            with db.connect() as conn:
+                self.purged |= {
+                    (r.entity, r.row_id)
+                    for r in conn.execute(
+                        select(sync_rows.c.entity, sync_rows.c.row_id).where(
+                            sync_rows.c.deleted.is_(True)
+                        )
+                    )
+                }
+                conn.rollback()
+            if compact_tombstones(db, retention_days=0):
+                SEEN["tombstones compacted"] += 1
 
         @invariant()
         def confirmed_rows_never_run_ahead_of_their_cursor(self) -> None:
@@ -446,7 +512,7 @@ def test_replicas_converge_for_any_interleaving(
                 dev.http.lose_next = 0
             for _round in range(2):
                 for dev in self.devices:
-                    dev.client.sync()
+                    sync_and_count(dev.client)
             for dev in self.devices:
                 assert dev.client.replica.pending() == [], dev.name
                 assert dev.client.replica.staged() is None, dev.name
@@ -454,16 +520,22 @@ def test_replicas_converge_for_any_interleaving(
                 assert replica_image(dev.client) == expected, dev.name
                 assert replica_image(dev.client, view=True) == expected, dev.name
                 check_server_bookkeeping(db, dev)
-                check_effects_present(db, dev)
+                check_effects_present(db, dev, self.purged)
             check_scope_sums(db)
 
+    SEEN.clear()
     run_state_machine_as_test(
         Convergence,
         settings=settings(
-            max_examples=int(__import__("os").environ.get("CONV_EXAMPLES", "25")),
+            max_examples=int(os.environ.get("GALLEY_CONVERGENCE_EXAMPLES", "25")),
             stateful_step_count=30,
             deadline=None,
             suppress_health_check=list(HealthCheck),
             database=None,
         ),
     )
+    print(dict(SEEN))
+    expected = {"rejected", "conflicts", "retries", "multi-page pull"}
+    if PAGED_PULLS_SURVIVE_COMPACTION:
+        expected |= {"reset_required", "tombstones compacted"}
+    assert set(SEEN) >= expected, dict(SEEN)
