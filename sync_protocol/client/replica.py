@@ -359,10 +359,7 @@ class Replica:
                     "DELETE FROM rows WHERE entity = ? AND id = ?", (op.entity, op.id.lower())
                 )
             else:
-                applier = self.intents.get(op.name)
-                if applier is None:
-                    continue  # no local meaning known: the next pull shows the effect
-                for (entity, row_id), changes in applier(op.args).items():
+                for (entity, row_id), changes in self._intent_effect(op).items():
                     self._merge_into_view(entity, row_id.lower(), changes, None, create=False)
 
     def _merge_into_view(
@@ -391,14 +388,23 @@ class Replica:
             (_dumps(data), entity, row_id),
         )
 
+    def _intent_effect(self, op: m.Intent) -> Mapping[Key, Mapping[str, Any]]:
+        applier = self.intents.get(op.name)
+        if applier is None:
+            return {}  # no local meaning known: the next pull shows the effect
+        try:
+            return applier(op.args)
+        except (KeyError, TypeError, ValueError):
+            return {}  # bad arguments: the server will reject it and say why
+
     def _entry_keys(self, ops: Iterable[m.Op]) -> set[Key]:
         keys: set[Key] = set()
         for op in ops:
             key = op_key(op)
             if key is not None:
                 keys.add(key)
-            elif isinstance(op, m.Intent) and op.name in self.intents:
-                keys.update((e, i.lower()) for e, i in self.intents[op.name](op.args))
+            elif isinstance(op, m.Intent):
+                keys.update((e, i.lower()) for e, i in self._intent_effect(op))
         return keys
 
     def _rebuild_view(self, keys: set[Key] | None) -> None:

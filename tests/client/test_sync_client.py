@@ -281,3 +281,18 @@ def test_a_change_set_the_server_could_not_decode_is_refused_when_written(
     except ValueError as exc:
         assert "invalid change-set" in str(exc)
     assert a.replica.pending() == [] and a.rows(INVENTORY) == []
+
+
+def test_an_intent_with_bad_arguments_is_queued_and_rejected_by_the_server(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp]
+) -> None:
+    branch = factory.branch()
+    alice = factory.user("staff", [branch])
+    a = device(str(tmp_path / "a.db"), network(), factory, alice)
+    a.intent("menu.mark_sold_out", {"dish": "soup"})  # no menu_item_id: no local effect
+
+    report = a.sync()
+
+    assert report.rejected == 1
+    [rejected] = a.replica.rejected()
+    assert {e.code for e in rejected.errors} >= {"unknown_field"}
