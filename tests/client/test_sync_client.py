@@ -296,3 +296,38 @@ def test_an_intent_with_bad_arguments_is_queued_and_rejected_by_the_server(
     assert report.rejected == 1
     [rejected] = a.replica.rejected()
     assert {e.code for e in rejected.errors} >= {"unknown_field"}
+
+
+def test_a_branch_taken_from_the_user_leaves_the_replica(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp], resources: Resources
+) -> None:
+    from sqlalchemy import delete
+
+    from sync_server.db import run_in_transaction
+    from sync_server.directory import publish_staff, utcnow
+    from sync_server.tables import user_branches
+
+    home, away = factory.branch(), factory.branch()
+    erin = factory.user("manager", [home, away])
+    e = device(str(tmp_path / "e.db"), network(), factory, erin)
+    kept = e.create(INVENTORY, {**flour("K"), "branch_id": home.id})
+    lost = e.create(INVENTORY, {**flour("L"), "branch_id": away.id})
+    e.sync()
+    assert e.get(INVENTORY, lost) is not None
+
+    def leave_away(conn: object) -> None:
+        conn.execute(  # type: ignore[attr-defined]
+            delete(user_branches).where(
+                user_branches.c.user_id == erin.id, user_branches.c.branch_id == away.id
+            )
+        )
+        publish_staff(conn, erin.id, resources.cipher, utcnow())  # type: ignore[arg-type]
+
+    run_in_transaction(resources.engine, leave_away)
+    e.sync()
+
+    assert e.get(INVENTORY, lost) is None and e.get(INVENTORY, kept) is not None
+    assert set(e.replica.cursors()) == {"org", f"branch:{home.id}"}
+    assert replica_image(e) == server_image(
+        resources.engine, ["org", f"branch:{home.id}"], "manager"
+    )
