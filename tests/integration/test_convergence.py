@@ -458,6 +458,55 @@ def test_replicas_converge_for_any_interleaving(
         def go_online(self, d: int) -> None:
             self.devices[d].http.offline = False
 
+        @rule(
+            d=DEVICES,
+            at=st.integers(0, 4),
+            row_id=st.uuids().map(str),
+            sku=st.sampled_from(SKUS),
+            name=NAMES,
+        )
+        def app_writes_while_a_sync_runs(
+            self, d: int, at: int, row_id: str, sku: str, name: str
+        ) -> None:
+            # The app writes through its own connection to the replica file between two
+            # requests of the sync: its work must survive the commit of the pulled pages.
+            dev = self.devices[d]
+            app_side = device(dev.path, dev.http, factory, dev.user)
+            branch = sorted(dev.user.branch_ids)[0]
+            sent = 0
+
+            def write(path: str) -> None:
+                nonlocal sent
+                sent += 1
+                if sent != at + 1:
+                    return
+                with app_side.change_set() as cs:
+                    cs.create(
+                        INVENTORY,
+                        {
+                            "branch_id": branch,
+                            "sku": sku,
+                            "name": name,
+                            "category": "dry",
+                            "unit": "each",
+                        },
+                        id=row_id,
+                        scope=f"branch:{branch}",
+                    )
+                    visible = app_side.rows(INVENTORY)
+                    if visible:
+                        cs.patch(INVENTORY, visible[0].id, {"name": name})
+                entry = app_side.replica.pending()[-1]
+                dev.authored.append((entry.id, entry.ops))
+
+            dev.http.on_send = write
+            try:
+                with suppress(SyncFailed):
+                    sync_and_count(dev.client)
+            finally:
+                dev.http.on_send = None
+                app_side.close()
+
         @rule(d=DEVICES, requests=st.integers(0, 5))
         def killed_mid_sync_and_restarted(self, d: int, requests: int) -> None:
             dev = self.devices[d]
