@@ -38,7 +38,7 @@ def list_audit(ctx: Context, _body: None) -> Reply:
     data = [
         schemas.AuditEntry(
             id=e.id,
-            occurred_at=e.occurred_at,
+            occurred_at=schemas.utc(e.occurred_at),
             event=e.event,
             outcome=e.outcome,
             actor_user_id=e.actor_user_id,

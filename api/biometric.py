@@ -83,8 +83,8 @@ def _credential_out(row: Any) -> schemas.BiometricCredential:
         id=row.id,
         device_id=row.device_id,
         algorithm=row.algorithm,
-        created_at=row.created_at,
-        last_used_at=row.last_used_at,
+        created_at=schemas.utc(row.created_at),
+        last_used_at=schemas.utc_or_none(row.last_used_at),
     )
 
 
@@ -122,7 +122,9 @@ def issue_challenge(ctx: Context, body: schemas.ChallengeRequest, conn: Connecti
             expires_at=expires,
         )
     )
-    return Reply(schemas.Challenge(challenge=challenge, expires_at=expires), status=201)
+    return Reply(
+        schemas.Challenge(challenge=challenge, expires_at=schemas.utc(expires)), status=201
+    )
 
 
 @api.operation(

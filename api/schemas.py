@@ -6,7 +6,7 @@ forbid unknown fields, so a client sending ``role`` to ``PATCH /users/me`` gets 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -22,6 +22,15 @@ Phone = Annotated[str, Meta(min_length=3, max_length=32, pattern=r"^\+?[0-9 ()./
 RoleName = Literal["staff", "manager", "admin"]
 OpaqueToken = Annotated[str, Meta(min_length=1, max_length=512)]
 Base64 = Annotated[str, Meta(min_length=1, max_length=4096, description="base64 or base64url")]
+
+
+def utc(moment: datetime) -> datetime:
+    """A database timestamp (naive UTC) as an aware one, so JSON carries the ``Z`` offset."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def utc_or_none(moment: datetime | None) -> datetime | None:
+    return utc(moment) if moment is not None else None
 
 
 class Request(Struct, forbid_unknown_fields=True, kw_only=True):

@@ -47,8 +47,8 @@ def load_users(conn: Connection, cipher: FieldCipher, user_ids: list[str]) -> li
             branch_ids=sorted(memberships.get(row.id, [])),
             is_active=bool(row.is_active),
             biometric_enabled=bool(row.biometric_enabled),
-            last_password_login_at=row.last_password_login_at,
-            created_at=row.created_at,
+            last_password_login_at=schemas.utc_or_none(row.last_password_login_at),
+            created_at=schemas.utc(row.created_at),
         )
         for row in (rows.get(user_id) for user_id in user_ids)
         if row is not None

@@ -31,6 +31,9 @@ def test_login_returns_tokens_and_the_user_in_an_envelope(client: Any, staff: Us
     assert data["user"]["role"] == "staff"
     assert data["user"]["branch_ids"] == list(staff.branch_ids)
     assert "password_hash" not in data["user"]
+    # Timestamps are RFC 3339 in UTC.
+    assert data["user"]["created_at"].endswith("Z")
+    assert data["user"]["last_password_login_at"].endswith("Z")
 
 
 def test_login_by_username_works(client: Any, factory: Factory, db: Engine) -> None:
