@@ -17,7 +17,9 @@ version 0, keeping the outbox.
 
 from __future__ import annotations
 
+import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +43,15 @@ from .errors import (
 )
 from .replica import IntentApplier, Replica, Row
 from .transport import TokenProvider, Transport
+
+_locks_guard = threading.Lock()
+_locks: dict[str, threading.Lock] = {}
+
+
+def _sync_lock(path: str) -> threading.Lock:
+    key = os.path.realpath(path)
+    with _locks_guard:
+        return _locks.setdefault(key, threading.Lock())
 
 
 @dataclass
@@ -219,6 +230,12 @@ class SyncClient:
         Raises :class:`SyncFailed` when the retry budget runs out (nothing is lost: sync again
         later) and the other :class:`SyncError` subclasses for what retrying cannot fix.
         """
+        # One sync per replica file at a time in this process (an app's foreground and
+        # background syncs would otherwise interleave their pages in one staging table).
+        with _sync_lock(self.replica.path):
+            return self._sync_with_retries()
+
+    def _sync_with_retries(self) -> SyncReport:
         report = SyncReport()
         failures = 0
         resets = 0

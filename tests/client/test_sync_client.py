@@ -331,3 +331,37 @@ def test_a_branch_taken_from_the_user_leaves_the_replica(
     assert replica_image(e) == server_image(
         resources.engine, ["org", f"branch:{home.id}"], "manager"
     )
+
+
+def test_syncs_of_one_replica_from_several_threads_leave_it_consistent(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp], resources: Resources
+) -> None:
+    import threading
+
+    branch = factory.branch()
+    boss = factory.user("manager", [branch])
+    m = device(str(tmp_path / "m.db"), network(), factory, boss)
+    for i in range(20):
+        m.create(INVENTORY, flour(f"SKU-{i}"))
+    path = str(tmp_path / "m.db")
+    errors: list[BaseException] = []
+
+    def background_sync() -> None:
+        try:
+            worker = device(path, network(), factory, boss, page_limit=2)
+            worker.sync()
+            worker.close()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=background_sync) for _ in range(3)]
+    for t in threads:
+        t.start()
+    m.sync()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    assert applied_count(resources.engine, m.device_id) == 20
+    assert m.replica.pending() == [] and len(m.rows(INVENTORY)) == 20
+    assert replica_image(m) == server_image(resources.engine, scopes_of(boss.branch_ids), "manager")
