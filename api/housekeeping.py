@@ -9,13 +9,21 @@ purged here.
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
+from typing import Any
 
-from sqlalchemy import delete, or_
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from sync_server.account_tables import biometric_challenges, refresh_tokens
+from sync_server.account_tables import (
+    biometric_challenges,
+    biometric_credentials,
+    refresh_tokens,
+)
+from sync_server.crypto import FieldCipher
 from sync_server.db import run_in_transaction
 from sync_server.directory import utcnow
+from sync_server.tables import users
 
 from . import idempotency
 
@@ -39,3 +47,41 @@ def purge_expired(engine: Engine, now: datetime | None = None) -> dict[str, int]
     counts = run_in_transaction(engine, work)
     counts["idempotency_keys"] = idempotency.purge_expired(engine, cutoff)
     return counts
+
+
+def reencrypt(engine: Engine, cipher: FieldCipher, *, batch: int = 500) -> int:
+    """Re-encrypt every encrypted column under the newest key (after a key rotation, before the
+    old key is removed from ``GALLEY_ENCRYPTION_KEYS``); the number of values rewritten."""
+    total = 0
+    for column in (users.c.phone_enc, biometric_credentials.c.public_key_enc):
+        after = ""
+        while rows := _page(engine, column, after, batch):
+            after = rows[-1][0]
+            total += run_in_transaction(
+                engine, partial(_rewrite, cipher=cipher, column=column, rows=rows)
+            )
+    return total
+
+
+def _page(engine: Engine, column: Any, after: str, batch: int) -> list[tuple[str, str]]:
+    key = column.table.c.id
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(key, column).where(key > after, column.is_not(None)).order_by(key).limit(batch)
+        ).all()
+        conn.rollback()
+    return [(row[0], row[1]) for row in rows]
+
+
+def _rewrite(
+    conn: Connection, cipher: FieldCipher, column: Any, rows: list[tuple[str, str]]
+) -> int:
+    key = column.table.c.id
+    for row_id, value in rows:
+        conn.execute(
+            update(column.table)
+            # Only if unchanged since read: a concurrent edit already used the newest key.
+            .where(key == row_id, column == value)
+            .values({column.name: cipher.rotate(value)})
+        )
+    return len(rows)

@@ -51,3 +51,27 @@ def test_purge_removes_only_what_has_expired(
     }
     for table in (refresh_tokens, biometric_challenges, idempotency_keys):
         assert _count(db, table) == 0
+
+
+def test_reencrypt_moves_every_encrypted_value_to_the_newest_key(
+    resources: Any, factory: Factory, db: Engine
+) -> None:
+    from cryptography.fernet import Fernet
+
+    from api.housekeeping import reencrypt
+    from sync_server.crypto import FieldCipher
+    from sync_server.tables import users
+
+    old, new = Fernet.generate_key(), Fernet.generate_key()
+    resources.cipher = FieldCipher([old])
+    members = [factory.user("staff", phone=f"+44 7700 90000{i}") for i in range(3)]
+    factory.user("staff", phone=None)
+    rotated = FieldCipher([new, old])
+    assert reencrypt(db, rotated, batch=2) == 3
+    only_new = FieldCipher([new])
+    with db.connect() as conn:
+        for i, member in enumerate(members):
+            stored = conn.execute(
+                select(users.c.phone_enc).where(users.c.id == member.id)
+            ).scalar_one()
+            assert only_new.decrypt(stored) == f"+44 7700 90000{i}"
