@@ -158,7 +158,13 @@ def register(
             403, "biometric_not_enabled", "A manager must enable biometric login for you first."
         )
     owner = conn.execute(select(devices.c.user_id).where(devices.c.id == device_id)).scalar()
-    if owner is not None and owner != user_id:
+    enrolled_by = conn.execute(
+        select(biometric_credentials.c.user_id).where(
+            biometric_credentials.c.device_id == device_id,
+            biometric_credentials.c.revoked_at.is_(None),
+        )
+    ).scalars()
+    if any(other != user_id for other in [owner, *enrolled_by] if other is not None):
         raise ApiError(
             409,
             "device_owned_by_other_user",

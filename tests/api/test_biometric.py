@@ -337,3 +337,24 @@ def test_biometric_sign_in_is_rate_limited_per_account(
     limited = device.login()
     assert limited.status_code == 429
     assert limited.json()["code"] == "rate_limited"
+
+
+def test_nobody_can_take_over_a_device_enrolled_by_someone_else(
+    client: Any, factory: Factory, sign_in: Any, enabled_staff: User, phone: Any
+) -> None:
+    device = phone()
+    assert device.register(sign_in(enabled_staff)).status_code == 201
+    # Another enabled staff member tries to enrol their own key under the same device id.
+    admin = factory.user("admin")
+    intruder = factory.user("staff")
+    client.patch(
+        f"/api/v1/staff/{intruder.id}",
+        json={"biometric_enabled": True},
+        headers=factory.auth(admin),
+    )
+    hijack = Phone(client, DeviceKey("p256_der"))
+    hijack.device_id = device.device_id
+    response = hijack.register(sign_in(intruder))
+    assert response.status_code == 409
+    assert response.json()["code"] == "device_owned_by_other_user"
+    assert device.login().status_code == 200
