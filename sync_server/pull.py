@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
 from domain.registry import ORG_SCOPE, Registry, filter_fields
@@ -20,10 +20,11 @@ from domain.roles import Role
 from sync_protocol import messages as m
 from sync_protocol.checksums import MOD, row_checksum
 
-from .db import read_transaction
+from .db import read_transaction, run_in_transaction
 from .tables import devices, sync_rows, sync_scopes
 
 _decode = msgspec.msgpack.Decoder().decode
+_encode = msgspec.msgpack.Encoder().encode
 
 
 class ResetRequired(Exception):
@@ -63,6 +64,53 @@ class PullScope:
     cursor: int
 
 
+def _seen_horizons(blob: bytes | None) -> dict[str, tuple[int, int]]:
+    if blob is None:
+        return {}
+    return {scope: (int(h), int(floor)) for scope, (h, floor) in _decode(blob).items()}
+
+
+def _must_reset(cursor: int, head: Any, seen: tuple[int, int] | None) -> bool:
+    """Step 2. A replica at ``cursor`` (0 < cursor < horizon) may hold a row whose tombstone,
+    at a version above ``cursor``, was purged: it must be rebuilt — unless the device's last
+    pull already saw this horizon with a cursor at most this one. Then every page it holds was
+    read after the purge (at most this far back), so it never held those rows: a paged initial
+    sync after a compaction goes on. (Horizons only grow: an unchanged one means no purge.)"""
+    version, horizon = (head.version, head.horizon) if head is not None else (0, 0)
+    if cursor > version:
+        return True
+    if not 0 < cursor < horizon:
+        return False
+    return seen is None or seen[0] != horizon or cursor < seen[1]
+
+
+def _remember_horizons(
+    engine: Engine,
+    device_id: str,
+    seen: dict[str, tuple[int, int]],
+    horizons: dict[str, int],
+    cursors: dict[str, int],
+) -> None:
+    """After a successful pull: the horizon of each scope in its snapshot, and the lowest
+    cursor the device pulled from under it (see :func:`_must_reset`). Written only when it
+    changes — on a device's first pull and after compactions — so pulls stay read-only."""
+    now: dict[str, tuple[int, int]] = {}
+    for scope, horizon in horizons.items():
+        cursor = cursors.get(scope, 0)
+        before = seen.get(scope)
+        floor = min(before[1], cursor) if before is not None and before[0] == horizon else cursor
+        now[scope] = (horizon, floor)
+    if now == seen:
+        return
+    blob = _encode({scope: list(pair) for scope, pair in now.items()})
+    run_in_transaction(
+        engine,
+        lambda conn: conn.execute(
+            update(devices).where(devices.c.id == device_id).values(seen_horizons=blob)
+        ),
+    )
+
+
 def visible_scopes(role: Role, branch_ids: frozenset[str]) -> list[str]:
     """The scopes a user's devices replicate: the organisation, then each branch."""
     return [ORG_SCOPE, *sorted(f"branch:{b}" for b in branch_ids)]
@@ -91,24 +139,27 @@ def pull(
     page_sum = 0
     with read_transaction(engine) as conn:
         # Step 1: the write checkpoint and the scope heads, from the same snapshot as the rows.
-        last_seq = conn.execute(
-            select(devices.c.last_applied_seq).where(devices.c.id == device_id)
-        ).scalar_one()
+        device = conn.execute(
+            select(devices.c.last_applied_seq, devices.c.seen_horizons).where(
+                devices.c.id == device_id
+            )
+        ).one()
+        last_seq = device.last_applied_seq
+        seen = _seen_horizons(device.seen_horizons)
         heads = {
             r.scope: r
             for r in conn.execute(select(sync_scopes).where(sync_scopes.c.scope.in_(list(scopes))))
         }
-        # Step 2: a cursor below the compaction horizon (tombstones it needs are gone) or above
-        # the head (a replica of another database) cannot be continued.
-        stale = []
-        for scope in scopes:
-            cursor = cursors.get(scope, 0)
-            head = heads.get(scope)
-            version, horizon = (head.version, head.horizon) if head is not None else (0, 0)
-            if cursor > version or (0 < cursor < horizon):
-                stale.append(scope)
+        # Step 2: a cursor above the head (a replica of another database) cannot be continued,
+        # nor one below the compaction horizon whose tombstones the device may need.
+        stale = [
+            scope
+            for scope in scopes
+            if _must_reset(cursors.get(scope, 0), heads.get(scope), seen.get(scope))
+        ]
         if stale:
             raise ResetRequired(stale)
+        horizons = {scope: (h.horizon if (h := heads.get(scope)) else 0) for scope in scopes}
 
         remaining = limit
         for scope in scopes:
@@ -184,6 +235,7 @@ def pull(
                     remaining = 0
     for scope in scopes:
         out_cursors.setdefault(scope, cursors.get(scope, 0))
+    _remember_horizons(engine, device_id, seen, horizons, cursors)
     return PullOut(
         protocol=m.PROTOCOL_VERSION,
         changes=changes,

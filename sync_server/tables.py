@@ -99,6 +99,11 @@ devices = Table(
     Column("registered_at", Timestamp, nullable=False),
     Column("last_seen_at", Timestamp, nullable=True),
     Column("revoked_at", Timestamp, nullable=True),
+    # MessagePack map scope -> [compaction horizon in the snapshot of the device's last successful
+    # pull, lowest cursor pulled from under it] (NULL: never pulled). A cursor below the horizon
+    # needs a reset only if the horizon moved since (see sync_server.pull): a device paging from 0
+    # after a compaction never held the purged rows.
+    Column("seen_horizons", LargeBinary, nullable=True),
 )
 
 # One row per sync scope ("org" or "branch:<id>"): the version counter that orders every committed

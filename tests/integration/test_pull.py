@@ -382,3 +382,96 @@ def test_a_large_version_waits_for_its_own_page_rather_than_overfilling_a_shared
     assert first["has_more"] is True
     assert first["cursors"][scope] == cursors[scope]
     assert len(second["changes"]) == 10 and second["has_more"] is False
+
+
+def test_an_initial_sync_of_several_pages_finishes_after_a_compaction(
+    client: Any, db: Engine, org: Org
+) -> None:
+    scope = branch_scope(org.a)
+    ids = write_versions(db, scope, versions=6, rows_per_version=2)
+    dev = org.manager
+    post(
+        client,
+        "push",
+        push_body(
+            dev.id,
+            change_set(
+                1, delete("inventory_items", ids[0], version_of(db, "inventory_items", ids[0]))
+            ),
+        ),
+        dev.headers,
+    )
+    assert compact_tombstones(db, retention_days=0) == 1
+
+    # A new device pages from 0: its intermediate cursors are below the horizon, but it pulled
+    # after the compaction, so it cannot hold a row whose tombstone went.
+    pages, replica, _ = pull_all(client, org.staff, limit=3)
+
+    assert len(pages) > 2
+    live = {
+        k for k, r in server_rows(db).items() if r["scope"] in ("org", scope) and not r["deleted"]
+    }
+    assert set(replica) == live
+
+
+def test_a_device_that_paged_before_a_compaction_must_reset_after_it(
+    client: Any, db: Engine, org: Org
+) -> None:
+    scope = branch_scope(org.a)
+    write_versions(db, scope, versions=6, rows_per_version=2)
+    cursors: dict[str, int] = {}
+    held: list[str] = []
+    while not held:  # page until it holds some stock rows, then go quiet
+        page = pull(client, org.staff, cursors, limit=3)
+        held += [c["id"] for c in page["changes"] if c["entity"] == "inventory_items"]
+        cursors = page["cursors"]
+    assert page["has_more"] is True and held
+    post(
+        client,
+        "push",
+        push_body(
+            org.manager.id,
+            change_set(
+                1, delete("inventory_items", held[0], version_of(db, "inventory_items", held[0]))
+            ),
+        ),
+        org.manager.headers,
+    )
+    assert compact_tombstones(db, retention_days=0) == 1
+
+    status, body = post(
+        client, "pull", pull_body(org.staff.id, cursors, limit=3), org.staff.headers
+    )
+
+    # It holds a row whose tombstone is gone: only a rebuild can drop it.
+    assert status == 409 and body["code"] == "reset_required"
+    assert body["details"]["scopes"] == [scope]
+
+
+def test_falling_back_to_an_older_cursor_after_a_compaction_must_reset(
+    client: Any, db: Engine, org: Org
+) -> None:
+    # A client that pulled past a deletion but then lost those pages (say, a crash before it
+    # committed them) and resumes from its older committed cursor may still hold the deleted
+    # row: the server remembers the lowest cursor pulled from since the horizon last moved.
+    scope = branch_scope(org.a)
+    (victim,) = write_versions(db, scope, versions=1, rows_per_version=1)
+    _, _, committed = pull_all(client, org.staff, limit=1000)
+    post(
+        client,
+        "push",
+        push_body(
+            org.manager.id,
+            change_set(
+                1, delete("inventory_items", victim, version_of(db, "inventory_items", victim))
+            ),
+        ),
+        org.manager.headers,
+    )
+    _, _, staged = pull_all(client, org.staff, limit=1000, cursors=committed)
+    assert compact_tombstones(db, retention_days=0) == 1
+    assert pull(client, org.staff, staged)["changes"] == []
+
+    status, body = post(client, "pull", pull_body(org.staff.id, committed), org.staff.headers)
+
+    assert status == 409 and body["details"]["scopes"] == [scope]

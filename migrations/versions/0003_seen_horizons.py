@@ -1,0 +1,26 @@
+"""devices.seen_horizons: the compaction horizons of each device's last pull
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-25
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0003"
+down_revision: str | None = "0002"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("devices") as batch:
+        batch.add_column(sa.Column("seen_horizons", sa.LargeBinary(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("devices") as batch:
+        batch.drop_column("seen_horizons")
