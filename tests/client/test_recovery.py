@@ -277,14 +277,6 @@ def test_a_staff_device_receives_its_branch_only_and_no_contact_data(
     assert a.rows(INVENTORY) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server bug (sync_server/pull.py step 2): after a compaction, the intermediate cursor "
-        "of a paged pull from version 0 is below the horizon, so every second page answers "
-        "reset_required and an initial sync bigger than one page never finishes"
-    ),
-)
 def test_an_initial_sync_of_several_pages_finishes_after_a_compaction(
     tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp], resources: Resources
 ) -> None:

@@ -223,7 +223,7 @@ def check_scope_sums(engine: Engine) -> None:
 #: ends — see the strict xfail test_an_initial_sync_of_several_pages_finishes_after_a_compaction
 #: in tests/client/test_recovery.py. Until it is fixed, compacting in this machine only finds
 #: that bug again; set this to True with the fix.
-PAGED_PULLS_SURVIVE_COMPACTION = False
+PAGED_PULLS_SURVIVE_COMPACTION = True
 
 #: How often each interesting thing happened over a whole run (checked at the end: a run
 #: that never lost an answer or never needed a reset would prove little).
