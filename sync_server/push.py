@@ -412,8 +412,15 @@ def push(
                     ),
                 )
                 break
-            except ScopeNotLocked:
-                continue
+            except ScopeNotLocked as exc:
+                if attempt < 2:
+                    continue  # a row appeared in another scope meanwhile: step 4 again
+                # Every attempt wrote outside the scopes it locked: a planner/engine bug that
+                # would fail the same way forever. Reject rather than block the queue.
+                log.error("change-set %s writes outside its locked scopes: %s", change_set.id, exc)
+                refusal = OpIssue(
+                    -1, "server_error", "the server could not process this change-set"
+                )
             except (IntegrityError, DataError) as exc:
                 if refusal is None and attempt == 0:
                     # Perhaps the change-set id is taken (step 7's insert failed on it): the

@@ -5,13 +5,14 @@ Over HTTP (``/sync/v1/push``) on SQLite and MariaDB. Steps cited are docs/protoc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
 
-from domain.registry import IntentSpec, Registry
+from domain import fields as f
+from domain.registry import EntitySpec, IntentSpec, Registry
 from domain.roles import Role
 from sync_server.push import push as engine_push
 from tests.factories import Factory, User
@@ -579,3 +580,48 @@ def test_a_different_change_set_under_an_applied_seq_gets_the_stored_outcome_nam
     assert outcome["replayed"] is True
     assert outcome["change_set_id"] == original["id"] != newcomer["id"]
     assert snapshot(db) == state
+
+
+@dataclass(frozen=True)
+class _ShiftingScopes(EntitySpec):
+    """An entity whose rows seem to move between two branches at every look: the engine locks
+    one scope and the planner writes the other, on every attempt (a stand-in for a bug)."""
+
+    branches: tuple[str, str] = ("", "")
+    looks: list[None] = field(default_factory=list)
+
+    def scope_of(self, data: Any) -> str | None:
+        self.looks.append(None)
+        return f"branch:{self.branches[len(self.looks) % 2]}"
+
+
+def test_a_change_set_writing_outside_its_locked_scopes_is_rejected_not_a_wedge(
+    db: Engine, factory: Factory, cheap_passwords: None
+) -> None:
+    a, b = factory.branch(), factory.branch()
+    spec = _ShiftingScopes(
+        name="shifting",
+        scope_kind="branch",
+        scope_field="branch_id",
+        fields={"branch_id": f.uuid_ref(), "flip": f.boolean()},
+        writable={Role.ADMIN: frozenset({"branch_id", "flip"})},
+        creatable_by=frozenset({Role.ADMIN}),
+        branches=(a.id, b.id),
+    )
+    registry = Registry({**REGISTRY.entities, spec.name: spec}, REGISTRY.intents)
+    admin = factory.user("admin")
+    device = factory.device(admin)
+
+    result = engine_push(
+        db,
+        device_id=device,
+        principal=principal(admin),
+        change_sets=to_change_sets(
+            change_set(1, create("shifting", new_id(), branch_id=a.id, flip=True))
+        ),
+        registry=registry,
+    )
+
+    (outcome,) = result.outcomes
+    assert (outcome.status, outcome.errors[0].code) == ("rejected", "server_error")
+    assert result.last_applied_seq == 1
