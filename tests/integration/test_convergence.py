@@ -515,13 +515,29 @@ def test_replicas_converge_for_any_interleaving(
         def manager_deletes_and_server_compacts_tombstones(
             self, d: int, data: st.DataObject, entity: str
         ) -> None:
-            # Devices whose cursor is now below the horizon get reset_required next time.
+            # A manager online deletes a row (one of their own if they see none), then the
+            # server compacts: devices whose cursor is now below the horizon must reset.
             dev = self.devices[d]
+            dev.http.offline = False
             row_id = self._pick(dev, entity, data)
-            if row_id is not None:
-                self._write(dev, [m.Delete(entity, row_id, 0)])
-            with suppress(SyncFailed):
-                sync_and_count(dev.client)
+            if row_id is None:
+                row_id = str(data.draw(st.uuids()))
+                branch = sorted(dev.user.branch_ids)[0]
+                fields: dict[str, m.Scalar] = (
+                    {"name": "Special", "price_cents": 990}
+                    if entity == MENU
+                    else {
+                        "branch_id": branch,
+                        "sku": f"TMP-{row_id[:8]}",
+                        "name": "Temp",
+                        "category": "dry",
+                        "unit": "each",
+                    }
+                )
+                scope = "org" if entity == MENU else f"branch:{branch}"
+                self._write(dev, [m.Create(entity, row_id, fields)], scope)
+            self._write(dev, [m.Delete(entity, row_id, 0)])
+            sync_and_count(dev.client)
             with db.connect() as conn:
                 self.purged |= {
                     (r.entity, r.row_id)
