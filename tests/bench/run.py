@@ -18,11 +18,14 @@ import sys
 import time
 from dataclasses import dataclass
 
+from sqlalchemy import func, select
+
 from domain.registry import branch_scope
 from sync_protocol import messages as m
+from sync_server.tables import sync_change_sets
 
 from .anatomy import push_and_pull_anatomy
-from .dataset import Member, build_world, create_floor_tables, seed_inventory, token_for
+from .dataset import Member, World, build_world, create_floor_tables, seed_inventory, token_for
 from .floor import Throughput, idle_pull_floor, initial_sync_floor, locked_counter_floor
 from .workload import InitialSync, PushRun, ServerProcess, idle_pulls, initial_sync, push_run
 
@@ -87,6 +90,19 @@ def _print(lines: list[Line]) -> None:
             f"{line.label:<{widths[0]}}  {line.value:>{widths[1]}}  {line.floor:>{widths[2]}}"
             f"  {line.ratio:>6}  {line.target}"
         )
+
+
+def _check_recorded(world: World, device_ids: list[str], run: PushRun) -> None:
+    """Every change-set the devices were told about is recorded, once, as applied."""
+    with world.engine.connect() as conn:
+        recorded = conn.execute(
+            select(sync_change_sets.c.status, func.count())
+            .where(sync_change_sets.c.device_id.in_(device_ids))
+            .group_by(sync_change_sets.c.status)
+        ).all()
+        conn.rollback()
+    if dict(recorded) != {"applied": run.change_sets.count}:
+        raise AssertionError(f"recorded {dict(recorded)}, acknowledged {run.change_sets.count}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_after = server.cpu_seconds()
             if cpu_before is not None and cpu_after is not None:
                 server_cpu[name] = cpu_after - cpu_before
+            _check_recorded(world, [d for d, _, _ in devices], pushes[name][0])
 
     say("statement counts of one push and one pull (in-process)")
     push_anatomy, pull_anatomy = push_and_pull_anatomy(
@@ -255,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         f"items); floors measured in this run (see tests/bench/floor.py)"
     )
     print(f"initial sync: {syncs[m.MAX_PULL_LIMIT].verified}")
+    if pushes:
+        print("push: every acknowledged change-set recorded once, as applied (checked in the db)")
     print(
         f"one push of 1 change-set x {args.ops_per_change_set} ops: "
         f"{push_anatomy.statements} statements ({push_anatomy.under_scope_lock} under the scope "
