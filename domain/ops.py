@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .fields import Value, is_uuid
+from .fields import Value
 from .registry import ORG_SCOPE, scope_branch
 from .roles import Role
 
@@ -61,18 +61,16 @@ class Principal:
     def may_access(self, scope: str) -> bool:
         """Whether this user may read and write rows of ``scope``.
 
-        Everyone reaches the organisation scope; an admin every branch; others their own.
-        Even an admin reaches only well-formed branch scopes: the engine locks (and so
-        creates) a scope's counter before the planner validates the ops that name it.
+        Everyone reaches the organisation scope; others only the branches in ``branch_ids``.
+        For an admin the engine fills ``branch_ids`` with every existing branch, so an admin
+        reaches them all but never a branch that does not exist: the engine locks (and so
+        creates) a scope's counter before the planner validates the ops that name it, and a
+        row in a non-existent branch would only fail later on a foreign key.
         """
         if scope == ORG_SCOPE:
             return True
         branch = scope_branch(scope)
-        if branch is None:
-            return False
-        if self.role is Role.ADMIN:
-            return is_uuid(branch) and branch == branch.lower()
-        return branch in self.branch_ids
+        return branch is not None and branch in self.branch_ids
 
 
 @dataclass(frozen=True)

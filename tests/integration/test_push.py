@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from domain import fields as f
+from domain.ops import Principal
 from domain.registry import EntitySpec, IntentSpec, Registry
 from domain.roles import Role
 from sync_server.push import push as engine_push
@@ -501,11 +502,11 @@ def test_an_applied_push_announces_each_scope_s_new_version(
     assert heard == [("galley:scope:org", str(outcome["versions"]["org"]).encode())]
 
 
-def test_a_change_set_the_database_refuses_is_rejected_and_the_queue_moves_on(
+def test_an_admin_writing_to_a_branch_that_does_not_exist_is_rejected_and_the_queue_moves_on(
     client: Any, db: Engine, factory: Factory, cheap_passwords: None
 ) -> None:
-    # An admin may write any branch; one that does not exist is refused by the foreign key,
-    # which the planner cannot see. Failing with 500 on every retry would wedge the device.
+    # An admin reaches every existing branch, and only those: a row in a made-up branch is
+    # refused up front instead of locking a new scope and failing on the foreign key.
     admin = factory.user("admin")
     dev = Device(factory.device(admin), admin, factory.auth(admin))
     before = server_rows(db)
@@ -513,7 +514,7 @@ def test_a_change_set_the_database_refuses_is_rejected_and_the_queue_moves_on(
     outcome = push(client, dev, create("inventory_items", new_id(), **item(branch_id=new_id())))
 
     assert outcome["status"] == "rejected"
-    assert outcome["errors"][0]["code"] == "constraint_violation"
+    assert outcome["errors"][0]["code"] == "out_of_scope"
     assert server_rows(db) == before
     assert last_applied_seq(db, dev.id) == 1
     assert push(client, dev, create("menu_items", new_id(), **dish()))["status"] == "applied"
@@ -615,7 +616,8 @@ def test_a_change_set_writing_outside_its_locked_scopes_is_rejected_not_a_wedge(
     result = engine_push(
         db,
         device_id=device,
-        principal=principal(admin),
+        # The engine gives an admin every existing branch.
+        principal=Principal(admin.id, Role.ADMIN, frozenset({a.id, b.id}), None),
         change_sets=to_change_sets(
             change_set(1, create("shifting", new_id(), branch_id=a.id, flip=True))
         ),

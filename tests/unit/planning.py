@@ -42,7 +42,8 @@ def principal(
 
 STAFF = principal(Role.STAFF)
 MANAGER = principal(Role.MANAGER)
-ADMIN = principal(Role.ADMIN, branches=(), device_branch=None)
+# An admin's principal lists every existing branch (the engine loads them all).
+ADMIN = principal(Role.ADMIN, branches=(BRANCH_A, BRANCH_B), device_branch=None)
 
 
 def item_fields(**overrides: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from domain.ops import DeleteOp, IntentOp, Op, Principal
 from domain.registry import unique_form
 from domain.roles import Role
 from tests.unit.planning import (
+    ADMIN,
     BRANCH_A,
     BRANCH_B,
     MANAGER,
@@ -171,7 +172,7 @@ roles = st.sampled_from(
         principal(Role.STAFF),
         MANAGER,
         TWO_BRANCH_MANAGER,
-        Principal("admin", Role.ADMIN, frozenset(), None),
+        ADMIN,
     ]
 )
 

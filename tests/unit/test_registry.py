@@ -177,10 +177,12 @@ def test_a_user_reaches_the_organisation_and_their_own_branches() -> None:
     assert not staff.may_access("elsewhere")
 
 
-def test_an_admin_reaches_every_branch() -> None:
-    admin = Principal("u", Role.ADMIN, frozenset(), None)
+def test_an_admin_reaches_every_existing_branch_and_no_other() -> None:
+    # The engine fills an admin's branch_ids with every existing branch.
+    admin = Principal("u", Role.ADMIN, frozenset({OTHER}), None)
     assert admin.may_access(branch_scope(OTHER))
     assert admin.may_access(ORG_SCOPE)
+    assert not admin.may_access(branch_scope(BRANCH))
 
 
 @pytest.mark.parametrize(
@@ -189,7 +191,7 @@ def test_an_admin_reaches_every_branch() -> None:
 )
 def test_not_even_an_admin_reaches_a_malformed_scope(scope: str) -> None:
     # The engine locks, and so creates, the counter of any scope it is allowed to reach.
-    assert not Principal("u", Role.ADMIN, frozenset(), None).may_access(scope)
+    assert not Principal("u", Role.ADMIN, frozenset({OTHER}), None).may_access(scope)
 
 
 def test_the_scope_of_a_row_names_its_branch_in_lower_case() -> None:
