@@ -700,33 +700,8 @@ class Replica:
             for scope in resets | gone:
                 self.conn.execute("DELETE FROM server_rows WHERE scope = ?", (scope,))
                 sums.pop(scope, None)
-            changed: set[Key] = set()
-            for entity, row_id, scope, version, deleted, data in self.conn.execute(
-                "SELECT entity, id, scope, version, deleted, data FROM staging ORDER BY n"
-            ).fetchall():
-                record.rows += 1
-                changed.add((entity, row_id))
-                old = self.conn.execute(
-                    "SELECT scope, version FROM server_rows WHERE entity = ? AND id = ?",
-                    (entity, row_id),
-                ).fetchone()
-                if old is not None:
-                    s = sums.setdefault(old[0], [0, 0])
-                    s[0] -= 1
-                    s[1] = (s[1] - row_checksum(entity, row_id, old[1])) % MOD
-                if deleted:
-                    self.conn.execute(
-                        "DELETE FROM server_rows WHERE entity = ? AND id = ?", (entity, row_id)
-                    )
-                    continue
-                s = sums.setdefault(scope, [0, 0])
-                s[0] += 1
-                s[1] = (s[1] + row_checksum(entity, row_id, version)) % MOD
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO server_rows (entity, id, scope, version, data) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (entity, row_id, scope, version, data),
-                )
+            changed = self._apply_staging(sums)
+            record.rows = len(changed)
             bad = [
                 st.scope
                 for st in staged.scopes
@@ -763,8 +738,41 @@ class Replica:
             self._set_meta("staged", None)
             self._set_meta("reset_scopes", None)
             record.reset_scopes = tuple(sorted(resets))
-            self._rebuild_view(None if full_rebuild else changed)
+            # Past a few thousand rows, recopying everything beats row-by-row replacement.
+            self._rebuild_view(None if full_rebuild or len(changed) > 2000 else changed)
         return record
+
+    def _apply_staging(self, sums: dict[str, list[int]]) -> set[Key]:
+        """Replace the confirmed rows by the newest staged image of each staged row (set-based:
+        an initial sync stages every row once), keeping the per-scope sums current."""
+        latest = "SELECT MAX(n) FROM staging GROUP BY entity, id"
+        # Rows about to be replaced or deleted leave the sums...
+        for scope, entity, row_id, version in self.conn.execute(
+            "SELECT scope, entity, id, version FROM server_rows "
+            "WHERE (entity, id) IN (SELECT entity, id FROM staging)"
+        ):
+            s = sums.setdefault(scope, [0, 0])
+            s[0] -= 1
+            s[1] = (s[1] - row_checksum(entity, row_id, version)) % MOD
+        self.conn.execute(
+            "DELETE FROM server_rows WHERE (entity, id) IN (SELECT entity, id FROM staging)"
+        )
+        # ...and their newest staged image, unless a tombstone, takes their place.
+        changed: set[Key] = set()
+        for scope, entity, row_id, version, deleted in self.conn.execute(
+            f"SELECT scope, entity, id, version, deleted FROM staging WHERE n IN ({latest})"
+        ):
+            changed.add((entity, row_id))
+            if not deleted:
+                s = sums.setdefault(scope, [0, 0])
+                s[0] += 1
+                s[1] = (s[1] + row_checksum(entity, row_id, version)) % MOD
+        self.conn.execute(
+            "INSERT INTO server_rows (entity, id, scope, version, data) "
+            f"SELECT entity, id, scope, version, data FROM staging WHERE n IN ({latest}) "
+            "AND deleted = 0"
+        )
+        return changed
 
     def verify(self) -> dict[str, tuple[int, int]]:
         """Recompute (count, checksum) of every scope from the confirmed rows (a full scan)."""

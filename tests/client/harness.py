@@ -42,6 +42,8 @@ class FlakyHttp(TestClient):
         #: Synthetic 503s a proxy answers before the server is reached.
         self.unavailable_next = 0
         self.sent: list[str] = []
+        #: Answers lost so far (the server processed the request; the client never heard).
+        self.lost = 0
         #: Called with each request's path before it is sent (to act "during" a sync).
         self.on_send: Callable[[str], None] | None = None
 
@@ -70,6 +72,7 @@ class FlakyHttp(TestClient):
             self.crash_after -= 1
         if self.lose_next and (self.lose_paths is None or path.endswith(self.lose_paths)):
             self.lose_next -= 1
+            self.lost += 1
             raise httpx.ReadError("connection reset before the answer arrived", request=request)
         return response
 

@@ -295,6 +295,7 @@ def test_replicas_converge_for_any_interleaving(
             try:
                 self.converge()
             finally:
+                SEEN["lost answers"] += sum(dev.http.lost for dev in self.devices)
                 for dev in self.devices:
                     dev.client.close()
                 self.stack.close()
@@ -503,8 +504,12 @@ def test_replicas_converge_for_any_interleaving(
         def killed_mid_sync_and_restarted(self, d: int, requests: int) -> None:
             dev = self.devices[d]
             dev.http.crash_after = requests
-            with suppress(Crash, SyncFailed):
+            try:
                 sync_and_count(dev.client)  # may finish before the kill
+            except Crash:
+                SEEN["killed mid-sync"] += 1
+            except SyncFailed:
+                pass
             dev.http.crash_after = None
             dev.client.close()
             dev.client = device(dev.path, dev.http, factory, dev.user, page_limit=4)
@@ -594,7 +599,8 @@ def test_replicas_converge_for_any_interleaving(
     expected = {
         "rejected",
         "conflicts",
-        "retries",
+        "lost answers",
+        "killed mid-sync",
         "multi-page pull",
         "reset_required",
         "tombstones compacted",
