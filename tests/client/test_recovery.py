@@ -294,3 +294,30 @@ def test_an_initial_sync_of_several_pages_finishes_after_a_compaction(
     a.sync()
 
     assert replica_image(a) == server_image(resources.engine, scopes_of(alice.branch_ids), "staff")
+
+
+def test_a_device_the_server_forgot_registers_again_and_resumes_its_numbering(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp], resources: Resources
+) -> None:
+    from sqlalchemy import delete
+
+    from sync_server.tables import devices, sync_change_sets
+
+    branch = factory.branch()
+    alice = factory.user("staff", [branch])
+    a = device(str(tmp_path / "a.db"), network(), factory, alice)
+    a.create(INVENTORY, flour("A"))
+    a.create(INVENTORY, flour("B"))
+    a.sync()
+    # The server's database is restored from before this device registered.
+    with resources.engine.begin() as conn:
+        conn.execute(delete(sync_change_sets).where(sync_change_sets.c.device_id == a.device_id))
+        conn.execute(delete(devices).where(devices.c.id == a.device_id))
+    item = a.create(INVENTORY, flour("C"))
+
+    report = a.sync()
+
+    assert report.applied == 1 and report.renumbered == 1
+    assert applied_count(resources.engine, a.device_id) == 1
+    row = a.get(INVENTORY, item)
+    assert row is not None and not row.pending
