@@ -19,7 +19,8 @@ from .errors import (
     Unauthorized,
     UpgradeRequired,
 )
-from .replica import IntentApplier, PendingChangeSet, RejectedChangeSet, Replica, Row
+from .records import IntentApplier, PendingChangeSet, RejectedChangeSet, Row
+from .replica import Replica
 from .sync import Backoff, ChangeSetBuilder, SyncClient, SyncReport
 from .transport import TokenProvider, Transport
 

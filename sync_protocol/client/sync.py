@@ -41,7 +41,8 @@ from .errors import (
     SyncFailed,
     TransientError,
 )
-from .replica import IntentApplier, Replica, Row
+from .records import IntentApplier, Row
+from .replica import Replica
 from .transport import TokenProvider, Transport
 
 _locks_guard = threading.Lock()
