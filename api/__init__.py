@@ -9,7 +9,7 @@ from starlette.routing import BaseRoute, Route
 
 from sync_server.authn import PUBLIC, declare_access
 
-from . import auditlog, auth, biometric, staff, users  # noqa: F401  (register operations)
+from . import auditlog, auth, biometric, conflicts, staff, users  # noqa: F401  (register operations)
 from .openapi import docs_page, openapi_json
 from .v1 import api
 
