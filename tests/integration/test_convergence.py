@@ -500,7 +500,7 @@ def test_replicas_converge_for_any_interleaving(
                 dev.http.on_send = None
                 app_side.close()
 
-        @rule(d=DEVICES, requests=st.integers(0, 5))
+        @rule(d=DEVICES, requests=st.integers(0, 2))
         def killed_mid_sync_and_restarted(self, d: int, requests: int) -> None:
             dev = self.devices[d]
             dev.http.crash_after = requests
