@@ -15,6 +15,7 @@ A refusal rolls everything back: nothing is ever half-resolved.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DataError, IntegrityError
 
 from conflict.workflow import ACCEPT, ConflictRecord, Holders, decide, unique_candidates
 from domain.registry import ORG_SCOPE, Registry, branch_scope
@@ -33,6 +35,8 @@ from .db import run_in_transaction
 from .errors import ApiError
 from .records import save, unique_holders
 from .tables import conflicts
+
+log = logging.getLogger(__name__)
 
 CONFLICT_RESOLVED = "conflict.resolved"
 OPEN = "open"
@@ -271,15 +275,24 @@ def resolve(
     note: str | None = None,
 ) -> Outcome:
     """Resolve one conflict in a transaction of its own (retried on deadlock as a whole)."""
-    return run_in_transaction(
-        engine,
-        lambda conn: resolve_in(
-            conn,
-            conflict_id,
-            resolution,
-            resolver=resolver,
-            registry=registry,
-            now=now,
-            note=note,
-        ),
-    )
+    try:
+        return run_in_transaction(
+            engine,
+            lambda conn: resolve_in(
+                conn,
+                conflict_id,
+                resolution,
+                resolver=resolver,
+                registry=registry,
+                now=now,
+                note=note,
+            ),
+        )
+    except (IntegrityError, DataError) as exc:
+        # A constraint the workflow did not foresee: rolled back, and the conflict stays open.
+        log.warning("resolving conflict %s refused by the database: %s", conflict_id, exc.orig)
+        raise ApiError(
+            409,
+            "constraint_violation",
+            "The database refused the resolution: a value clashes with an existing row.",
+        ) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +15,10 @@ from sqlalchemy.engine import Engine
 
 from api.v1 import api
 from domain.roles import Role
-from sync_server.account_tables import audit_log
+from sync_server import migrate
+from sync_server.account_tables import audit_log, permissions, role_permissions
 from sync_server.conflicts import Resolver, resolve
+from sync_server.db import create_db_engine
 from sync_server.directory import utcnow
 from sync_server.tables import menu_items
 from tests.factories import Factory, User
@@ -421,3 +424,57 @@ def test_the_list_pages_oldest_first_with_a_cursor(client: Any, org: Org) -> Non
     assert seen == made
     bad = get("/api/v1/conflicts", params={"cursor": "bm9wZQ"}, headers=org.headers(org.admin))
     assert bad.status_code == 422 and "cursor" in bad.json()["details"]
+
+
+def test_accepting_a_stale_delete_deletes_the_dish_for_every_device(
+    client: Any, org: Org, db: Engine
+) -> None:
+    dish_id = new_id()
+    org.till.push(client, create("menu_items", dish_id, **dish()))
+    seen = version_of(db, "menu_items", dish_id)
+    org.till.push(client, patch("menu_items", dish_id, seen, name="Marinara"))
+    outcome = org.office.push(client, delete("menu_items", dish_id, seen))
+    (conflict_id,) = outcome["conflicts"]
+    assert conflict_rows(db)[conflict_id].kind == "delete_modified"
+    response = resolve_as(client, org, org.manager_a, conflict_id, "accept")
+    assert response.status_code == 200, response.text
+    row = server_rows(db, "org")[("menu_items", dish_id)]
+    assert row["deleted"] and row["version"] == response.json()["data"]["versions"]["org"]
+    with db.connect() as conn:
+        assert conn.execute(select(menu_items).where(menu_items.c.id == dish_id)).first() is None
+        conn.rollback()
+
+
+def test_migration_0004_grants_the_conflict_permissions_and_takes_them_back(
+    tmp_path: Path,
+) -> None:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'm.db'}")
+
+    def grants() -> set[tuple[str, str]]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(role_permissions).where(role_permissions.c.permission.like("conflicts.%"))
+            ).all()
+            slugs = set(
+                conn.execute(
+                    select(permissions.c.slug).where(permissions.c.slug.like("conflicts.%"))
+                ).scalars()
+            )
+            conn.rollback()
+        assert slugs == ({"conflicts.read", "conflicts.resolve"} if rows else set())
+        return {(r.role, r.permission) for r in rows}
+
+    try:
+        migrate.upgrade(engine)
+        granted = {
+            (role, slug)
+            for role in ("manager", "admin")
+            for slug in ("conflicts.read", "conflicts.resolve")
+        }
+        assert grants() == granted
+        migrate.downgrade(engine, "0003")
+        assert grants() == set()
+        migrate.upgrade(engine)
+        assert grants() == granted
+    finally:
+        engine.dispose()

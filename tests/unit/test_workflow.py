@@ -15,6 +15,7 @@ from conflict.workflow import (
     DISMISS,
     ConflictRecord,
     Decision,
+    Holders,
     ResolutionWrite,
     decide,
     unique_candidates,
@@ -190,7 +191,7 @@ def test_a_withheld_create_is_not_accepted_while_another_row_holds_its_sku() -> 
     candidates = unique_candidates(conflict, None, REGISTRY)
     assert candidates == [(("sku",), ("FLOUR-1",))]
     # The holder spells it differently: the database compares without case.
-    holders = {(("sku",), ("flour-1",)): HOLDER}
+    holders: Holders = {(("sku",), ("flour-1",)): HOLDER}
     decision = decide(conflict, ACCEPT, None, REGISTRY, Role.MANAGER, holders)
     assert refused(decision) == "unique_violation"
 
@@ -207,7 +208,7 @@ def test_a_withheld_patch_of_a_sku_applies_once_the_clash_is_gone() -> None:
     rows = (item_row(mine, sku="A-1"), item_row(theirs, sku="B-1"))
     conflict = flagged([patch("inventory_items", mine, 1, sku="B-1")], *rows)
     assert conflict.kind == "unique_violation" and conflict.server_version == 1
-    held = {(("sku",), ("B-1",)): theirs}
+    held: Holders = {(("sku",), ("B-1",)): theirs}
     assert refused(decide(conflict, ACCEPT, rows[0], REGISTRY, Role.MANAGER, held)) == (
         "unique_violation"
     )
