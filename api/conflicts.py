@@ -53,7 +53,7 @@ class Conflict(Struct, kw_only=True):
     scope: str
     entity: str
     row_id: str
-    kind: str
+    kind: ConflictKind
     device_id: str | None
     user_id: str | None
     change_set_id: str | None
@@ -62,8 +62,8 @@ class Conflict(Struct, kw_only=True):
     server_version: int | None
     proposed: dict[str, Any]
     server_state: dict[str, Any]
-    status: str
-    resolution: str | None
+    status: Literal["open", "resolved"]
+    resolution: Literal["accept", "dismiss"] | None
     resolved_by: str | None
     created_at: datetime
     resolved_at: datetime | None
@@ -81,7 +81,7 @@ def _conflict(c: StoredConflict) -> Conflict:
         scope=c.scope,
         entity=c.entity,
         row_id=c.row_id,
-        kind=c.kind,
+        kind=c.kind,  # type: ignore[arg-type]  # stored by the planner: one of ConflictKind
         device_id=c.device_id,
         user_id=c.user_id,
         change_set_id=c.change_set_id,
@@ -90,8 +90,8 @@ def _conflict(c: StoredConflict) -> Conflict:
         server_version=c.server_version,
         proposed=c.proposed,
         server_state=c.server_state,
-        status=c.status,
-        resolution=c.resolution,
+        status=c.status,  # type: ignore[arg-type]
+        resolution=c.resolution,  # type: ignore[arg-type]
         resolved_by=c.resolved_by,
         created_at=schemas.utc(c.created_at),
         resolved_at=schemas.utc_or_none(c.resolved_at),
