@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -228,12 +229,22 @@ def not_found(what: str = "resource") -> ApiError:
 # --- the uniform endpoint ----------------------------------------------------------------------
 
 
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+
+
 def _validation_error(exc: msgspec.ValidationError, where: str = "body") -> ApiError:
     text = str(exc)
     key = "_"
     if " - at `" in text:
         text, _, at = text.rpartition(" - at `")
         key = at.rstrip("`").removeprefix("$").lstrip(".") or "_"
+    # msgspec reports a missing field at the object holding it: name the field itself, so
+    # the client can show the message next to it ("Object missing required field `email`").
+    missing = _MISSING_FIELD.search(text)
+    if missing is not None:
+        name = missing.group(1)
+        key = f"{key}.{name}" if key != "_" else name
+        text = "required"
     return ApiError(422, "validation_error", f"The request {where} is not valid.", {key: [text]})
 
 

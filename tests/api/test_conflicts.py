@@ -391,8 +391,7 @@ def test_an_unknown_conflict_is_a_404(client: Any, org: Org) -> None:
     "body, field",
     [
         ({"resolution": "merge"}, "resolution"),
-        # The contract layer reports a missing field under "_", naming it in the message.
-        ({}, "_"),
+        ({}, "resolution"),
         ({"resolution": "accept", "extra": 1}, "extra"),
         ({"resolution": "accept", "note": "x" * 501}, "note"),
     ],
