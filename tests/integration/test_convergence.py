@@ -284,6 +284,34 @@ def test_replicas_converge_for_any_interleaving(
             self.stack = ExitStack()
             self.devices = [self._open(name, user) for name, user in people]
             self.purged: set[tuple[str, str]] = set()
+            #: scope -> head version -> the live (entity, id, version) of the scope then.
+            self.history: dict[str, dict[int, frozenset[tuple[str, str, int]]]] = {}
+            self._snapshot()
+
+        def _snapshot(self) -> None:
+            # Only a syncing device writes, and it pushes before it pulls: the heads a device
+            # pulls at are the heads right after its sync, which are recorded here.
+            live: dict[str, set[tuple[str, str, int]]] = {}
+            with db.connect() as conn:
+                heads = list(conn.execute(select(sync_scopes.c.scope, sync_scopes.c.version)))
+                for r in conn.execute(
+                    select(
+                        sync_rows.c.entity,
+                        sync_rows.c.row_id,
+                        sync_rows.c.scope,
+                        sync_rows.c.version,
+                    ).where(sync_rows.c.deleted.is_(False))
+                ):
+                    live.setdefault(r.scope, set()).add((r.entity, r.row_id, r.version))
+                conn.rollback()
+            for scope, head in heads:
+                self.history.setdefault(scope, {})[head] = frozenset(live.get(scope, ()))
+
+        def _sync(self, dev: Device) -> None:
+            try:
+                sync_and_count(dev.client)
+            finally:
+                self._snapshot()
 
         def _open(self, name: str, user: User, device_id: str | None = None) -> Device:
             path = str(self.dir / f"{name}.db")
@@ -433,7 +461,7 @@ def test_replicas_converge_for_any_interleaving(
             dev = self.devices[d]
             dev.http.lose_next, dev.http.lose_paths = lose, where
             try:
-                sync_and_count(dev.client)
+                self._sync(dev)
             except SyncFailed:
                 assert dev.http.offline, "only an offline device may fail to sync"
             finally:
@@ -444,7 +472,7 @@ def test_replicas_converge_for_any_interleaving(
             dev = self.devices[d]
             dev.http.fail_after = requests
             with suppress(SyncFailed):
-                sync_and_count(dev.client)  # may finish before the connection drops
+                self._sync(dev)  # may finish before the connection drops
             dev.http.fail_after = None
 
         @rule(d=DEVICES)
@@ -495,7 +523,7 @@ def test_replicas_converge_for_any_interleaving(
             dev.http.on_send = write
             try:
                 with suppress(SyncFailed):
-                    sync_and_count(dev.client)
+                    self._sync(dev)
             finally:
                 dev.http.on_send = None
                 app_side.close()
@@ -503,9 +531,10 @@ def test_replicas_converge_for_any_interleaving(
         @rule(d=DEVICES, requests=st.integers(0, 2))
         def killed_mid_sync_and_restarted(self, d: int, requests: int) -> None:
             dev = self.devices[d]
+            dev.http.offline = False  # killed while syncing online
             dev.http.crash_after = requests
             try:
-                sync_and_count(dev.client)  # may finish before the kill
+                self._sync(dev)  # may finish before the kill
             except Crash:
                 SEEN["killed mid-sync"] += 1
             except SyncFailed:
@@ -542,7 +571,7 @@ def test_replicas_converge_for_any_interleaving(
                 scope = "org" if entity == MENU else f"branch:{branch}"
                 self._write(dev, [m.Create(entity, row_id, fields)], scope)
             self._write(dev, [m.Delete(entity, row_id, 0)])
-            sync_and_count(dev.client)
+            self._sync(dev)
             with db.connect() as conn:
                 self.purged |= {
                     (r.entity, r.row_id)
@@ -555,13 +584,28 @@ def test_replicas_converge_for_any_interleaving(
                 conn.rollback()
             if compact_tombstones(db, retention_days=0):
                 SEEN["tombstones compacted"] += 1
+            # Then some device syncs: one that pulled before the compaction must reset.
+            other = self.devices[data.draw(DEVICES)]
+            with suppress(SyncFailed):
+                self._sync(other)
 
         @invariant()
-        def confirmed_rows_never_run_ahead_of_their_cursor(self) -> None:
+        def every_confirmed_replica_is_a_state_the_server_was_in(self) -> None:
+            # Never half-synced: whatever failed, was lost or was killed, each scope of each
+            # replica holds exactly the server's rows as of its committed cursor.
             for dev in self.devices:
-                cursors = dev.client.replica.cursors()
+                held: dict[str, set[tuple[str, str, int]]] = {}
                 for row in dev.client.replica.confirmed_rows():
-                    assert row.version <= cursors.get(row.scope or "", 0)
+                    held.setdefault(row.scope or "", set()).add((row.entity, row.id, row.version))
+                for scope, cursor in dev.client.replica.cursors().items():
+                    rows = held.pop(scope, set())
+                    if cursor == 0:
+                        assert rows == set(), (dev.name, scope)
+                        continue
+                    states = self.history.get(scope, {})
+                    assert cursor in states, f"{dev.name}: {scope}@{cursor} was never a head"
+                    assert rows == states[cursor], (dev.name, scope, cursor)
+                assert held == {}, f"{dev.name} holds rows of scopes without a cursor"
 
         # --- everyone syncs ------------------------------------------------------------------
 
@@ -573,7 +617,7 @@ def test_replicas_converge_for_any_interleaving(
                 dev.http.lose_next = 0
             for _round in range(2):
                 for dev in self.devices:
-                    sync_and_count(dev.client)
+                    self._sync(dev)
             for dev in self.devices:
                 assert dev.client.replica.pending() == [], dev.name
                 assert dev.client.replica.staged() is None, dev.name
