@@ -1,8 +1,19 @@
-"""The reference device client of Galley's sync protocol (docs/protocol.md § Client).
+"""The reference device client of Galley's sync protocol (docs/protocol.md § 10).
 
 A device keeps a SQLite replica (:class:`Replica`), writes offline into an outbox and runs
 :meth:`SyncClient.sync` when it can. Like the rest of :mod:`sync_protocol`, it depends only on
-the standard library, msgspec and httpx.
+the standard library, msgspec and httpx::
+
+    client = SyncClient(
+        "galley-replica.db",
+        httpx.Client(timeout=30),
+        "https://galley.example.com",
+        token_provider=lambda refresh: session.refreshed_token() if refresh else session.token,
+    )
+    dish = client.create("menu_items", {"name": "Soup", "price_cents": 550}, scope="org")
+    client.intent("menu.mark_sold_out", {"menu_item_id": dish})
+    client.sync()  # push, pull until caught up, commit; retries transient failures
+    client.rows("menu_items"), client.replica.rejected(), client.replica.conflicts()
 """
 
 from .errors import (
