@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import and_, insert, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, insert, or_, select, tuple_, update
 from sqlalchemy.engine import Connection
 
 from domain.ops import RowState
@@ -48,6 +48,15 @@ class ScopeHead:
     writing: int | None = None
 
 
+# Statements built once and executed with parameters (executemany for rows): the SQL is
+# compiled once per process instead of once per row.
+_INSERT_ROW = insert(sync_rows)
+_UPDATE_ROW = update(sync_rows).where(
+    sync_rows.c.entity == bindparam("k_entity"), sync_rows.c.row_id == bindparam("k_row_id")
+)
+_UPDATE_SCOPE = update(sync_scopes).where(sync_scopes.c.scope == bindparam("k_scope"))
+
+
 class ScopeNotLocked(RuntimeError):
     """A write to a scope the transaction did not lock: a programming error, or a row whose
     scope was unknown before locking (the caller retries with the right scopes)."""
@@ -61,6 +70,7 @@ class ChangeLog:
         self.now = now
         self.heads: dict[str, ScopeHead] = {}
         self._rows: dict[Key, RowState | None] = {}
+        self._pending: dict[Key, tuple[str, dict[str, Any]]] = {}
 
     # Step 1 --------------------------------------------------------------------------------
     def lock_scopes(self, scopes: Iterable[str]) -> dict[str, ScopeHead]:
@@ -140,6 +150,7 @@ class ChangeLog:
 
     def forget(self) -> None:
         """Drop cached row images (after locking, re-read what was read before the lock)."""
+        self.flush()
         self._rows.clear()
 
     # Steps 2 and 3 -------------------------------------------------------------------------
@@ -188,30 +199,48 @@ class ChangeLog:
             "field_versions": _encode(field_versions),
             "changed_at": self.now,
         }
-        if current is None:
-            self.conn.execute(insert(sync_rows).values(entity=entity, row_id=row_id, **values))
+        # Buffered until finish(): one multi-row statement per kind instead of one per row
+        # (fewer round trips while the scope counter is locked). A row written twice keeps
+        # the kind of its first write with the values of the last.
+        pending = self._pending.get(key)
+        creates = current is None if pending is None else pending[0] == "insert"
+        if creates:
+            self._pending[key] = ("insert", {"entity": entity, "row_id": row_id, **values})
         else:
-            self.conn.execute(
-                update(sync_rows)
-                .where(sync_rows.c.entity == entity, sync_rows.c.row_id == row_id)
-                .values(**values)
-            )
+            self._pending[key] = ("update", {"k_entity": entity, "k_row_id": row_id, **values})
         self._rows[key] = RowState(
             entity, row_id, scope, version, data is None, dict(data or {}), field_versions
         )
         return version
 
+    def flush(self) -> None:
+        """Send the buffered row writes (finish() does; call it before reading ``sync_rows``
+        with other SQL in the same transaction)."""
+        inserts = [params for kind, params in self._pending.values() if kind == "insert"]
+        updates = [params for kind, params in self._pending.values() if kind == "update"]
+        self._pending.clear()
+        if inserts:
+            self.conn.execute(_INSERT_ROW, inserts)
+        if updates:
+            self.conn.execute(_UPDATE_ROW, updates)
+
     # Step 4 --------------------------------------------------------------------------------
     def finish(self) -> dict[str, int]:
-        """Store the advanced counters; returns scope -> version written (scopes written only)."""
+        """Store the buffered rows and the advanced counters; returns scope -> version
+        written (scopes written only)."""
+        self.flush()
         written: dict[str, int] = {}
         for head in self.heads.values():
             if head.writing is None:
                 continue
             self.conn.execute(
-                update(sync_scopes)
-                .where(sync_scopes.c.scope == head.scope)
-                .values(version=head.writing, row_count=head.row_count, checksum=head.checksum)
+                _UPDATE_SCOPE,
+                {
+                    "k_scope": head.scope,
+                    "version": head.writing,
+                    "row_count": head.row_count,
+                    "checksum": head.checksum,
+                },
             )
             head.version = head.writing
             head.writing = None

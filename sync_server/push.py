@@ -190,18 +190,22 @@ def apply_change_set(
     now: datetime,
     recheck: bool = False,
     refusal: OpIssue | None = None,
+    observed: list[int] | None = None,
 ) -> m.Outcome | SeqGap:
     """Apply one change-set inside the caller's transaction (the caller commits).
 
     ``recheck`` (after a failed attempt) first looks for an earlier change-set with the same
     id. With ``refusal`` the change-set is not planned again but recorded as rejected for that
     reason (it consumes its seq: step 7), after the database refused to apply it.
+    ``observed`` receives the device's last applied seq as step 1 read it.
     """
     # Step 1: lock the device row. Every push of this device queues here, so two racing copies
     # of the same change-set cannot both see it as new.
     last = conn.execute(
         select(devices.c.last_applied_seq).where(devices.c.id == device_id).with_for_update()
     ).scalar_one()
+    if observed is not None:
+        observed.append(int(last))
 
     # Step 2: a seq at or below the last applied one is a replay: answer what we answered.
     if change_set.seq <= last:
@@ -394,10 +398,13 @@ def push(
     outcomes: list[m.Outcome] = []
     versions: dict[str, int] = {}
     gap: SeqGap | None = None
+    last_applied: int | None = None
     for change_set in change_sets:
         result: m.Outcome | SeqGap | None = None
         refusal: OpIssue | None = None
+        observed: list[int] = []
         for attempt in range(4):
+            observed.clear()
             try:
                 result = run_in_transaction(
                     engine,
@@ -409,6 +416,7 @@ def push(
                         registry=registry,
                         recheck=attempt > 0,
                         refusal=refusal,
+                        observed=observed,
                     ),
                 )
                 break
@@ -438,15 +446,23 @@ def push(
                 )
         if result is None:
             raise RuntimeError("change-set could not be applied after retries")
+        # The device's last applied seq after this transaction, without another query: the
+        # seq just recorded, or (replay, gap) what step 1 read under the device lock.
+        last_applied = (
+            result.seq if isinstance(result, m.Outcome) and not result.replayed else observed[-1]
+        )
         if isinstance(result, SeqGap):
             gap = result
             break
         outcomes.append(result)
         for scope, version in result.versions.items():
             versions[scope] = max(versions.get(scope, 0), version)
-    with engine.connect() as conn:
-        last = conn.execute(
-            select(devices.c.last_applied_seq).where(devices.c.id == device_id)
-        ).scalar_one()
-        conn.rollback()
-    return PushResult(outcomes, int(last), gap, versions)
+    if last_applied is None:  # an empty batch: say where the device stands
+        with engine.connect() as conn:
+            last_applied = int(
+                conn.execute(
+                    select(devices.c.last_applied_seq).where(devices.c.id == device_id)
+                ).scalar_one()
+            )
+            conn.rollback()
+    return PushResult(outcomes, last_applied, gap, versions)
