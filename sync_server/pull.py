@@ -37,6 +37,15 @@ class ResetRequired(Exception):
         self.scopes = scopes
 
 
+class DeviceRefused(Exception):
+    """The device may not pull for this user: ``unregistered`` (no such device) or not its
+    own (another user's, or revoked). Raised before anything else is read."""
+
+    def __init__(self, unregistered: bool) -> None:
+        super().__init__("device not registered" if unregistered else "device forbidden")
+        self.unregistered = unregistered
+
+
 class RowOut(msgspec.Struct, array_like=False):
     """Server-side twin of :class:`~sync_protocol.messages.RowChange` whose ``data`` may be
     the stored MessagePack bytes passed through untouched (no decode, no re-encode)."""
@@ -226,11 +235,15 @@ def pull(
     limit: int,
     registry: Registry,
     raw_msgpack: bool = False,
+    user_id: str | None = None,
 ) -> PullOut:
     """One page of changes after ``cursors`` for ``scopes`` (see docs/protocol.md § Pull).
 
     With ``raw_msgpack`` the stored row images are passed through as MessagePack when the role
     may see every field of the entity, which makes initial sync nearly a straight copy.
+    With ``user_id`` the device is first checked to be that user's and not revoked (in the
+    same snapshot and connection as the page, saving the request a checkout), else
+    :class:`DeviceRefused`.
     """
     changes: list[RowOut] = []
     out_cursors: dict[str, int] = {}
@@ -240,10 +253,17 @@ def pull(
     with read_transaction(engine) as conn:
         # Step 1: the write checkpoint and the scope heads, from the same snapshot as the rows.
         device = conn.execute(
-            select(devices.c.last_applied_seq, devices.c.seen_horizons).where(
-                devices.c.id == device_id
-            )
-        ).one()
+            select(
+                devices.c.last_applied_seq,
+                devices.c.seen_horizons,
+                devices.c.user_id,
+                devices.c.revoked_at,
+            ).where(devices.c.id == device_id)
+        ).first()
+        if device is None:
+            raise DeviceRefused(unregistered=True)
+        if user_id is not None and (device.user_id != user_id or device.revoked_at is not None):
+            raise DeviceRefused(unregistered=False)
         last_seq = device.last_applied_seq
         seen = _seen_horizons(device.seen_horizons)
         heads = {

@@ -25,7 +25,7 @@ from .authn import Identity, authenticate
 from .db import run_in_transaction
 from .directory import DeviceOwnedElsewhere, register_device
 from .errors import ApiError
-from .pull import ResetRequired, pull, visible_scopes
+from .pull import DeviceRefused, ResetRequired, pull, visible_scopes
 from .push import push
 from .resources import Resources
 from .tables import devices
@@ -138,6 +138,12 @@ def _encode(message: Any, media_type: str, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type=media_type)
 
 
+def _device_refused(*, unregistered: bool) -> ApiError:
+    if unregistered:
+        return ApiError(404, "device_not_registered", "Register this device before syncing.")
+    return ApiError(403, "device_forbidden", "This device does not belong to the signed-in user.")
+
+
 def _device_principal(resources: Resources, identity: Identity, device_id: str) -> Principal:
     with resources.engine.connect() as conn:
         row = conn.execute(
@@ -147,11 +153,9 @@ def _device_principal(resources: Resources, identity: Identity, device_id: str) 
         ).first()
         conn.rollback()
     if row is None:
-        raise ApiError(404, "device_not_registered", "Register this device before syncing.")
+        raise _device_refused(unregistered=True)
     if row.user_id != identity.user_id or row.revoked_at is not None:
-        raise ApiError(
-            403, "device_forbidden", "This device does not belong to the signed-in user."
-        )
+        raise _device_refused(unregistered=False)
     branch = row.branch_id if row.branch_id in identity.branch_ids else None
     if branch is None and len(identity.branch_ids) == 1:
         branch = next(iter(identity.branch_ids))
@@ -250,9 +254,10 @@ async def pull_endpoint(request: Request) -> Response:
     identity = await _run(lambda: authenticate(request))
     message, response_type = await _decode(request, m.PullRequest)
     resources: Resources = request.app.state.resources
-    await _run(lambda: _device_principal(resources, identity, message.device_id))
     scopes = visible_scopes(identity.role, identity.branch_ids)
     try:
+        # The device check (404/403, as in _device_principal) is made by pull itself, in its
+        # snapshot: one connection checkout fewer per page.
         page = await _run(
             lambda: pull(
                 resources.engine,
@@ -263,8 +268,11 @@ async def pull_endpoint(request: Request) -> Response:
                 limit=message.limit,
                 registry=REGISTRY,
                 raw_msgpack=response_type == MSGPACK,
+                user_id=identity.user_id,
             )
         )
+    except DeviceRefused as exc:
+        raise _device_refused(unregistered=exc.unregistered) from None
     except ResetRequired as exc:
         raise ApiError(
             409,
