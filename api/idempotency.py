@@ -29,7 +29,6 @@ from sqlalchemy.exc import IntegrityError
 
 from sync_server.account_tables import idempotency_keys
 from sync_server.db import run_in_transaction
-from sync_server.directory import utcnow
 from sync_server.errors import ApiError
 
 RETENTION = timedelta(hours=24)
@@ -142,18 +141,5 @@ def abandon(engine: Engine, scope: str, key: str) -> None:
                 idempotency_keys.c.idem_key == key,
                 idempotency_keys.c.state == "processing",
             )
-        ),
-    )
-
-
-def purge_expired(engine: Engine, now: datetime | None = None) -> int:
-    """Delete records past their 24 hours (for a periodic job)."""
-    cutoff = now or utcnow()
-    return run_in_transaction(
-        engine,
-        lambda conn: (
-            conn.execute(
-                delete(idempotency_keys).where(idempotency_keys.c.expires_at <= cutoff)
-            ).rowcount
         ),
     )

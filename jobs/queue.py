@@ -51,7 +51,19 @@ def register(huey: Huey, settings: Settings) -> dict[str, Any]:
         crontab(minute="17", hour="3"), name="compact_tombstones_daily"
     )
     daily_at_0317(compact_tombstones)
-    registered: dict[str, Any] = {"compact_tombstones": as_task(compact_tombstones)}
+
+    def purge_expired_sessions() -> dict[str, int]:
+        return tasks.purge_expired_sessions(settings)
+
+    purge_task: Any = huey.task(name="purge_expired_sessions")
+    hourly_at_41: Any = huey.periodic_task(
+        crontab(minute="41"), name="purge_expired_sessions_hourly"
+    )
+    hourly_at_41(purge_expired_sessions)
+    registered: dict[str, Any] = {
+        "compact_tombstones": as_task(compact_tombstones),
+        "purge_expired_sessions": purge_task(purge_expired_sessions),
+    }
     huey.galley_tasks = registered  # type: ignore[attr-defined]
     return registered
 

@@ -6,6 +6,7 @@ import logging
 
 from sync_server.compaction import compact_tombstones as _compact
 from sync_server.db import create_db_engine
+from sync_server.housekeeping import purge_expired
 from sync_server.settings import Settings
 
 log = logging.getLogger("galley.jobs")
@@ -20,3 +21,15 @@ def compact_tombstones(settings: Settings) -> int:
         engine.dispose()
     log.info("compacted %d tombstones", purged)
     return purged
+
+
+def purge_expired_sessions(settings: Settings) -> dict[str, int]:
+    """Hourly: delete expired refresh tokens, biometric challenges and idempotency records
+    (idempotent; the audit log is never purged)."""
+    engine = create_db_engine(settings.database_url)
+    try:
+        counts = purge_expired(engine)
+    finally:
+        engine.dispose()
+    log.info("purged expired account records: %s", counts)
+    return counts

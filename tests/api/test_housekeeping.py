@@ -8,9 +8,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from api.housekeeping import purge_expired
 from sync_server.account_tables import biometric_challenges, idempotency_keys, refresh_tokens
 from sync_server.directory import utcnow
+from sync_server.housekeeping import purge_expired
 from tests.factories import Factory, User
 
 
@@ -58,8 +58,8 @@ def test_reencrypt_moves_every_encrypted_value_to_the_newest_key(
 ) -> None:
     from cryptography.fernet import Fernet
 
-    from api.housekeeping import reencrypt
     from sync_server.crypto import FieldCipher
+    from sync_server.housekeeping import reencrypt
     from sync_server.tables import users
 
     old, new = Fernet.generate_key(), Fernet.generate_key()

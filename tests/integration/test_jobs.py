@@ -148,6 +148,17 @@ def test_compaction_is_scheduled_daily_at_0317_utc() -> None:
     assert huey.read_periodic(datetime(2026, 3, 1, 4, 17)) == []
 
 
+def test_expired_sessions_are_purged_hourly_through_the_queue(db: Engine, tmp_path: Path) -> None:
+    huey = build_huey(_settings(db, tmp_path), immediate=True)
+    purge = task_named(huey, "purge_expired_sessions")
+
+    # What it deletes is specified in tests/api/test_housekeeping.py; here: the queue runs it.
+    assert purge().get() == {"refresh_tokens": 0, "biometric_challenges": 0, "idempotency_keys": 0}
+    due = [task.name for task in huey.read_periodic(datetime(2026, 3, 1, 14, 41))]
+    assert due == ["purge_expired_sessions_hourly"]
+    assert huey.read_periodic(datetime(2026, 3, 1, 14, 42)) == []
+
+
 # --- galley worker ------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Deleting what the accounts layer no longer needs (for a periodic job to call).
+"""Deleting what the accounts layer no longer needs (run hourly by the job queue).
 
 Expired refresh tokens can go: presenting one is refused as expired whether or not its row
 exists, and reuse detection only matters while a token could still be valid. Expired or used
@@ -15,17 +15,16 @@ from typing import Any
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from sync_server.account_tables import (
+from .account_tables import (
     biometric_challenges,
     biometric_credentials,
+    idempotency_keys,
     refresh_tokens,
 )
-from sync_server.crypto import FieldCipher
-from sync_server.db import run_in_transaction
-from sync_server.directory import utcnow
-from sync_server.tables import users
-
-from . import idempotency
+from .crypto import FieldCipher
+from .db import run_in_transaction
+from .directory import utcnow
+from .tables import users
 
 
 def purge_expired(engine: Engine, now: datetime | None = None) -> dict[str, int]:
@@ -42,11 +41,15 @@ def purge_expired(engine: Engine, now: datetime | None = None) -> dict[str, int]
                 )
             )
         )
-        return {"refresh_tokens": tokens.rowcount, "biometric_challenges": challenges.rowcount}
+        # Idempotency records live 24 hours (Stripe's semantics): a retry after that is new.
+        keys = conn.execute(delete(idempotency_keys).where(idempotency_keys.c.expires_at <= cutoff))
+        return {
+            "refresh_tokens": tokens.rowcount,
+            "biometric_challenges": challenges.rowcount,
+            "idempotency_keys": keys.rowcount,
+        }
 
-    counts = run_in_transaction(engine, work)
-    counts["idempotency_keys"] = idempotency.purge_expired(engine, cutoff)
-    return counts
+    return run_in_transaction(engine, work)
 
 
 def reencrypt(engine: Engine, cipher: FieldCipher, *, batch: int = 500) -> int:
