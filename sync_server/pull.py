@@ -22,6 +22,7 @@ from sync_protocol import messages as m
 from sync_protocol.checksums import MOD
 
 from .db import read_transaction, run_in_transaction
+from .directory import utcnow
 from .tables import devices, sync_rows, sync_scopes
 
 _decode = msgspec.msgpack.Decoder().decode
@@ -100,23 +101,35 @@ def _remember_horizons(
     seen: dict[str, tuple[int, int]],
     horizons: dict[str, int],
     cursors: dict[str, int],
+    *,
+    pulled: tuple[bytes | None, dict[str, int]] | None = None,
 ) -> None:
     """After a successful pull: the horizon of each scope in its snapshot, and the lowest
-    cursor the device pulled from under it (see :func:`_must_reset`). Written only when it
-    changes — on a device's first pull and after compactions — so pulls stay read-only."""
+    cursor the device pulled from under it (see :func:`_must_reset`); and, with ``pulled``
+    (stored blob, new cursors), the cursors the device now stands at. Written only when they
+    change — a device's first pull, after compactions, after a pull that returned rows — so
+    idle pulls stay read-only."""
+    values: dict[str, Any] = {}
+    if pulled is not None:
+        stored, moved = pulled
+        blob_cursors = _encode(dict(sorted(moved.items())))
+        if blob_cursors != stored:
+            values["pull_cursors"] = blob_cursors
+            values["last_pulled_at"] = utcnow()
     now: dict[str, tuple[int, int]] = {}
     for scope, horizon in horizons.items():
         cursor = cursors.get(scope, 0)
         before = seen.get(scope)
         floor = min(before[1], cursor) if before is not None and before[0] == horizon else cursor
         now[scope] = (horizon, floor)
-    if now == seen:
+    if now != seen:
+        values["seen_horizons"] = _encode({scope: list(pair) for scope, pair in now.items()})
+    if not values:
         return
-    blob = _encode({scope: list(pair) for scope, pair in now.items()})
     run_in_transaction(
         engine,
         lambda conn: conn.execute(
-            update(devices).where(devices.c.id == device_id).values(seen_horizons=blob)
+            update(devices).where(devices.c.id == device_id).values(**values)
         ),
     )
 
@@ -256,6 +269,7 @@ def pull(
             select(
                 devices.c.last_applied_seq,
                 devices.c.seen_horizons,
+                devices.c.pull_cursors,
                 devices.c.user_id,
                 devices.c.revoked_at,
             ).where(devices.c.id == device_id)
@@ -266,6 +280,7 @@ def pull(
             raise DeviceRefused(unregistered=False)
         last_seq = device.last_applied_seq
         seen = _seen_horizons(device.seen_horizons)
+        stored_cursors: bytes | None = device.pull_cursors
         heads = {
             r.scope: r
             for r in conn.execute(select(sync_scopes).where(sync_scopes.c.scope.in_(list(scopes))))
@@ -334,7 +349,9 @@ def pull(
                     remaining = 0
     for scope in scopes:
         out_cursors.setdefault(scope, cursors.get(scope, 0))
-    _remember_horizons(engine, device_id, seen, horizons, cursors)
+    _remember_horizons(
+        engine, device_id, seen, horizons, cursors, pulled=(stored_cursors, out_cursors)
+    )
     return PullOut(
         protocol=m.PROTOCOL_VERSION,
         changes=changes,

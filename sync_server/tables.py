@@ -104,6 +104,11 @@ devices = Table(
     # needs a reset only if the horizon moved since (see sync_server.pull): a device paging from 0
     # after a compaction never held the purged rows.
     Column("seen_horizons", LargeBinary, nullable=True),
+    # MessagePack map scope -> version: the cursors of the device's latest pull that moved them
+    # (what it has read, staged or committed), and when; for operators and support ("where is
+    # this phone?"). Idle pulls, which move nothing, write nothing.
+    Column("pull_cursors", LargeBinary, nullable=True),
+    Column("last_pulled_at", Timestamp, nullable=True),
 )
 
 # One row per sync scope ("org" or "branch:<id>"): the version counter that orders every committed

@@ -215,6 +215,45 @@ def test_the_write_checkpoint_is_the_last_applied_seq(client: Any, db: Engine, o
     assert pull(client, org.manager)["last_applied_seq"] == 0
 
 
+def _device_pull_state(db: Engine, device_id: str) -> tuple[dict[str, int] | None, Any]:
+    import msgspec
+    from sqlalchemy import select
+
+    from sync_server.tables import devices
+
+    with db.connect() as conn:
+        row = conn.execute(
+            select(devices.c.pull_cursors, devices.c.last_pulled_at).where(
+                devices.c.id == device_id
+            )
+        ).one()
+        conn.rollback()
+    cursors = msgspec.msgpack.decode(row.pull_cursors) if row.pull_cursors else None
+    return cursors, row.last_pulled_at
+
+
+def test_the_server_remembers_where_each_device_last_pulled_and_idle_pulls_write_nothing(
+    client: Any, db: Engine, org: Org
+) -> None:
+    dev = org.manager
+    assert _device_pull_state(db, dev.id) == (None, None)
+    write_versions(db, branch_scope(org.a), versions=3, rows_per_version=2)
+
+    first = pull(client, dev, limit=2)
+    assert first["has_more"]
+    remembered, when = _device_pull_state(db, dev.id)
+    assert remembered == first["cursors"] and when is not None
+
+    _, _, caught_up = pull_all(client, dev, limit=1000, cursors=first["cursors"])
+    remembered, when = _device_pull_state(db, dev.id)
+    assert remembered == caught_up
+
+    # Nothing new: the device row is not written again.
+    idle = pull(client, dev, caught_up)
+    assert idle["cursors"] == caught_up
+    assert _device_pull_state(db, dev.id) == (caught_up, when)
+
+
 @pytest.mark.parametrize("media_type", ["application/json", MSGPACK])
 def test_staff_never_receive_contact_data_of_staff_but_managers_do(
     client: Any, db: Engine, org: Org, media_type: str

@@ -1,0 +1,37 @@
+"""devices.pull_cursors and last_pulled_at: where each device last pulled from
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-11-25
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import mysql
+
+revision: str = "0005"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("devices") as batch:
+        batch.add_column(sa.Column("pull_cursors", sa.LargeBinary(), nullable=True))
+        batch.add_column(
+            sa.Column(
+                "last_pulled_at",
+                sa.DateTime()
+                .with_variant(mysql.DATETIME(fsp=6), "mariadb")
+                .with_variant(mysql.DATETIME(fsp=6), "mysql"),
+                nullable=True,
+            )
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("devices") as batch:
+        batch.drop_column("last_pulled_at")
+        batch.drop_column("pull_cursors")
