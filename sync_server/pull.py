@@ -103,13 +103,17 @@ def _remember_horizons(
     cursors: dict[str, int],
     *,
     pulled: tuple[bytes | None, dict[str, int]] | None = None,
+    role: str | None = None,
 ) -> None:
     """After a successful pull: the horizon of each scope in its snapshot, and the lowest
     cursor the device pulled from under it (see :func:`_must_reset`); and, with ``pulled``
     (stored blob, new cursors), the cursors the device now stands at. Written only when they
     change — a device's first pull, after compactions, after a pull that returned rows — so
-    idle pulls stay read-only."""
+    idle pulls stay read-only. ``role``: the role the pulled rows were filtered for, when it
+    changed (see step 2)."""
     values: dict[str, Any] = {}
+    if role is not None:
+        values["pulled_role"] = role
     if pulled is not None:
         stored, moved = pulled
         blob_cursors = _encode(dict(sorted(moved.items())))
@@ -270,6 +274,7 @@ def pull(
                 devices.c.last_applied_seq,
                 devices.c.seen_horizons,
                 devices.c.pull_cursors,
+                devices.c.pulled_role,
                 devices.c.user_id,
                 devices.c.revoked_at,
             ).where(devices.c.id == device_id)
@@ -292,6 +297,11 @@ def pull(
             for scope in scopes
             if _must_reset(cursors.get(scope, 0), heads.get(scope), seen.get(scope))
         ]
+        # A role change changes which fields the replica may hold (a manager demoted to staff
+        # must lose the contact data of the staff directory; a promoted one must gain it): what
+        # the device holds was filtered for its old role, so every scope it holds is rebuilt.
+        if device.pulled_role is not None and device.pulled_role != role.value:
+            stale = sorted(set(stale) | {s for s in scopes if cursors.get(s, 0) > 0})
         if stale:
             raise ResetRequired(stale)
         horizons = {scope: (h.horizon if (h := heads.get(scope)) else 0) for scope in scopes}
@@ -350,7 +360,13 @@ def pull(
     for scope in scopes:
         out_cursors.setdefault(scope, cursors.get(scope, 0))
     _remember_horizons(
-        engine, device_id, seen, horizons, cursors, pulled=(stored_cursors, out_cursors)
+        engine,
+        device_id,
+        seen,
+        horizons,
+        cursors,
+        pulled=(stored_cursors, out_cursors),
+        role=None if device.pulled_role == role.value else role.value,
     )
     return PullOut(
         protocol=m.PROTOCOL_VERSION,

@@ -109,6 +109,9 @@ devices = Table(
     # this phone?"). Idle pulls, which move nothing, write nothing.
     Column("pull_cursors", LargeBinary, nullable=True),
     Column("last_pulled_at", Timestamp, nullable=True),
+    # The role the rows of the device's replica were filtered for: a pull under another role
+    # must rebuild the replica (reset_required), or a demoted manager would keep staff contacts.
+    Column("pulled_role", String(16), nullable=True),
 )
 
 # One row per sync scope ("org" or "branch:<id>"): the version counter that orders every committed

@@ -1,4 +1,4 @@
-"""devices.pull_cursors and last_pulled_at: where each device last pulled from
+"""devices.pull_cursors, last_pulled_at and pulled_role: where each device last pulled from, as whom
 
 Revision ID: 0005
 Revises: 0004
@@ -29,9 +29,11 @@ def upgrade() -> None:
                 nullable=True,
             )
         )
+        batch.add_column(sa.Column("pulled_role", sa.String(length=16), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("devices") as batch:
+        batch.drop_column("pulled_role")
         batch.drop_column("last_pulled_at")
         batch.drop_column("pull_cursors")

@@ -254,6 +254,32 @@ def test_the_server_remembers_where_each_device_last_pulled_and_idle_pulls_write
     assert _device_pull_state(db, dev.id) == (caught_up, when)
 
 
+def test_a_role_change_rebuilds_the_replica_so_a_demoted_manager_loses_staff_contacts(
+    client: Any, db: Engine, org: Org, factory: Factory
+) -> None:
+    from sqlalchemy import update
+
+    from sync_server.tables import users
+
+    dev = org.manager
+    _, replica, cursors = pull_all(client, dev, limit=1000)
+    assert any("email" in data for (entity, _), (_, data) in replica.items() if entity == "staff")
+
+    with db.begin() as conn:
+        conn.execute(update(users).where(users.c.id == dev.user.id).values(role="staff"))
+    dev.headers = factory.auth(dev.user)
+
+    status, body = post(client, "pull", pull_body(dev.id, cursors), dev.headers)
+    assert status == 409 and body["code"] == "reset_required"
+    assert set(body["details"]["scopes"]) == {s for s, v in cursors.items() if v > 0}
+
+    _, rebuilt, _ = pull_all(client, dev, limit=1000)
+    staff_rows = [data for (entity, _), (_, data) in rebuilt.items() if entity == "staff"]
+    assert staff_rows and all("email" not in d and "phone" not in d for d in staff_rows)
+    # The new role is remembered: the next pull continues normally.
+    assert pull(client, dev, pull_all(client, dev, limit=1000)[2])["changes"] == []
+
+
 @pytest.mark.parametrize("media_type", ["application/json", MSGPACK])
 def test_staff_never_receive_contact_data_of_staff_but_managers_do(
     client: Any, db: Engine, org: Org, media_type: str
