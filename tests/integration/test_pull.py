@@ -543,11 +543,13 @@ def test_falling_back_to_an_older_cursor_after_a_compaction_must_reset(
     assert status == 409 and body["details"]["scopes"] == [scope]
 
 
+# The InnoDB access path of the page query: MariaDB only.
+@pytest.mark.parametrize(
+    "db", [pytest.param("mysql", marks=pytest.mark.integration)], indirect=True
+)
 def test_on_mariadb_a_page_deep_in_a_scope_reads_only_its_own_stretch_of_the_index(
     client: Any, db: Engine, org: Org
 ) -> None:
-    if db.dialect.name == "sqlite":
-        pytest.skip("the InnoDB access path of the page query")
     scope = branch_scope(org.a)
     write_versions(db, scope, versions=36, rows_per_version=25)
     heads = scope_heads(db)
