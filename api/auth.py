@@ -92,6 +92,28 @@ def _check_device(conn: Connection, device_id: str | None, user_id: str) -> None
         )
 
 
+def open_session(
+    conn: Connection, ctx: Context, user_id: str, *, method: str, device_id: str | None
+) -> tuple[sessions.Tokens, schemas.User]:
+    """A successful sign-in (password or biometric): a new token family, its audit entry and
+    the profile to answer with, in the caller's transaction."""
+    tokens = sessions.issue(
+        conn, ctx.resources, user_id, method=method, now=ctx.now, device_id=device_id
+    )
+    audit.record(
+        conn,
+        audit.LOGIN_SUCCEEDED,
+        actor=user_id,
+        subject=user_id,
+        ip=ctx.ip,
+        details={"method": method, "family_id": tokens.family_id},
+        now=ctx.now,
+    )
+    user = load_user(conn, ctx.resources.cipher, user_id)
+    assert user is not None
+    return tokens, user
+
+
 @api.operation(
     "POST",
     "/auth/login",
@@ -141,26 +163,8 @@ def login(ctx: Context, body: schemas.LoginRequest) -> Reply:
         if rehash is not None:
             values["password_hash"] = rehash
         conn.execute(update(users).where(users.c.id == user_id).values(**values))
-        tokens = sessions.issue(
-            conn,
-            ctx.resources,
-            user_id,
-            method=sessions.PASSWORD,
-            now=ctx.now,
-            device_id=body.device_id.lower() if body.device_id else None,
-        )
-        audit.record(
-            conn,
-            audit.LOGIN_SUCCEEDED,
-            actor=user_id,
-            subject=user_id,
-            ip=ctx.ip,
-            details={"method": sessions.PASSWORD, "family_id": tokens.family_id},
-            now=ctx.now,
-        )
-        user = load_user(conn, ctx.resources.cipher, user_id)
-        assert user is not None
-        return tokens, user
+        device_id = body.device_id.lower() if body.device_id else None
+        return open_session(conn, ctx, user_id, method=sessions.PASSWORD, device_id=device_id)
 
     tokens, user = run_in_transaction(ctx.resources.engine, work)
     return session_reply(tokens, user)

@@ -30,9 +30,9 @@ from sync_server.errors import ApiError
 from sync_server.tables import devices, users
 
 from . import devicekeys, schemas, sessions
-from .auth import check_lockout, count_failure
+from .auth import check_lockout, count_failure, open_session
 from .contract import Context, Reply, not_found
-from .users import load_user, session_reply
+from .users import session_reply
 from .v1 import api
 
 CHALLENGE_LIFETIME = timedelta(minutes=5)
@@ -270,26 +270,7 @@ def biometric_login(ctx: Context, body: schemas.BiometricLogin) -> Reply:
             .where(biometric_credentials.c.id == credential.id)
             .values(last_used_at=ctx.now)
         )
-        tokens = sessions.issue(
-            conn,
-            ctx.resources,
-            user_id,
-            method=sessions.BIOMETRIC,
-            now=ctx.now,
-            device_id=device_id,
-        )
-        audit.record(
-            conn,
-            audit.LOGIN_SUCCEEDED,
-            actor=user_id,
-            subject=user_id,
-            ip=ctx.ip,
-            details={"method": sessions.BIOMETRIC, "family_id": tokens.family_id},
-            now=ctx.now,
-        )
-        profile = load_user(conn, ctx.resources.cipher, user_id)
-        assert profile is not None
-        return tokens, profile
+        return open_session(conn, ctx, user_id, method=sessions.BIOMETRIC, device_id=device_id)
 
     outcome = run_in_transaction(engine, work)
     if outcome == "bad_signature" or outcome == "not_allowed":
