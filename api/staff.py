@@ -12,6 +12,7 @@ user's outstanding access tokens stop working at once — on the sync endpoint t
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from msgspec import UNSET
@@ -283,14 +284,7 @@ def patch_staff(ctx: Context, body: schemas.StaffPatch, conn: Connection) -> sch
     if body.biometric_enabled is not UNSET and body.biometric_enabled != target.biometric_enabled:
         values["biometric_enabled"] = body.biometric_enabled
         if not body.biometric_enabled:
-            conn.execute(
-                update(biometric_credentials)
-                .where(
-                    biometric_credentials.c.user_id == target.id,
-                    biometric_credentials.c.revoked_at.is_(None),
-                )
-                .values(revoked_at=ctx.now)
-            )
+            _revoke_biometric_keys(conn, target.id, ctx.now)
         audit.record(
             conn,
             audit.BIOMETRIC_ENABLED if body.biometric_enabled else audit.BIOMETRIC_DISABLED,
@@ -307,6 +301,18 @@ def patch_staff(ctx: Context, body: schemas.StaffPatch, conn: Connection) -> sch
     if values or revoke_tokens:
         publish_staff(conn, target.id, ctx.resources.cipher, ctx.now)
     return _user(ctx, conn, target.id)
+
+
+def _revoke_biometric_keys(conn: Connection, user_id: str, now: datetime) -> None:
+    """Every enrolled key of the user stops signing in (biometric disabled, or deactivated)."""
+    conn.execute(
+        update(biometric_credentials)
+        .where(
+            biometric_credentials.c.user_id == user_id,
+            biometric_credentials.c.revoked_at.is_(None),
+        )
+        .values(revoked_at=now)
+    )
 
 
 @api.operation(
@@ -332,14 +338,7 @@ def deactivate_staff(ctx: Context, _body: None, conn: Connection) -> schemas.Use
         revoked = sessions.revoke_user_sessions(
             conn, target.id, "deactivated", ctx.now, actor=actor.user_id, ip=ctx.ip
         )
-        conn.execute(
-            update(biometric_credentials)
-            .where(
-                biometric_credentials.c.user_id == target.id,
-                biometric_credentials.c.revoked_at.is_(None),
-            )
-            .values(revoked_at=ctx.now)
-        )
+        _revoke_biometric_keys(conn, target.id, ctx.now)
         audit.record(
             conn,
             audit.USER_DEACTIVATED,
