@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import and_, bindparam, insert, or_, select, tuple_, update
+from sqlalchemy import bindparam, insert, select, tuple_, update
 from sqlalchemy.engine import Connection
 
 from domain.ops import RowState
@@ -55,6 +55,21 @@ _UPDATE_ROW = update(sync_rows).where(
     sync_rows.c.entity == bindparam("k_entity"), sync_rows.c.row_id == bindparam("k_row_id")
 )
 _UPDATE_SCOPE = update(sync_scopes).where(sync_scopes.c.scope == bindparam("k_scope"))
+_ROW_COLUMNS = select(
+    sync_rows.c.entity,
+    sync_rows.c.row_id,
+    sync_rows.c.scope,
+    sync_rows.c.version,
+    sync_rows.c.deleted,
+    sync_rows.c.data,
+    sync_rows.c.field_versions,
+)
+_LOAD_ONE = _ROW_COLUMNS.where(
+    sync_rows.c.entity == bindparam("k_entity"), sync_rows.c.row_id == bindparam("k_row_id")
+)
+_LOAD_MANY = _ROW_COLUMNS.where(
+    tuple_(sync_rows.c.entity, sync_rows.c.row_id).in_(bindparam("keys", expanding=True))
+)
 
 
 class ScopeNotLocked(RuntimeError):
@@ -120,21 +135,12 @@ class ChangeLog:
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
             found: dict[Key, RowState] = {}
-            for r in self.conn.execute(
-                select(
-                    sync_rows.c.entity,
-                    sync_rows.c.row_id,
-                    sync_rows.c.scope,
-                    sync_rows.c.version,
-                    sync_rows.c.deleted,
-                    sync_rows.c.data,
-                    sync_rows.c.field_versions,
-                ).where(
-                    or_(*[and_(sync_rows.c.entity == e, sync_rows.c.row_id == i) for e, i in chunk])
-                    if len(chunk) < 2
-                    else tuple_(sync_rows.c.entity, sync_rows.c.row_id).in_(chunk)
-                )
-            ):
+            if len(chunk) == 1:
+                ((entity, row_id),) = chunk
+                result = self.conn.execute(_LOAD_ONE, {"k_entity": entity, "k_row_id": row_id})
+            else:
+                result = self.conn.execute(_LOAD_MANY, {"keys": chunk})
+            for r in result:
                 found[(r.entity, r.row_id)] = RowState(
                     entity=r.entity,
                     id=r.row_id,

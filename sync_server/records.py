@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     Delete,
     Insert,
+    Select,
     Table,
     Update,
     bindparam,
@@ -82,6 +83,20 @@ def save(
 
 
 @cache
+def _holders_query(record: RecordTable, group: tuple[str, ...], by_branch: bool) -> Select[Any]:
+    """Built once per (table, unique group): the values arrive as an expanding parameter."""
+    table = record.table
+    columns = [table.c[name] for name in group]
+    query = select(table.c.id, *columns).where(
+        tuple_(*columns).in_(bindparam("values", expanding=True))
+    )
+    if by_branch:
+        assert record.branch_column is not None
+        query = query.where(table.c[record.branch_column] == bindparam("branch"))
+    return query
+
+
+@cache
 def _statements(table: Table) -> tuple[Insert, Update, Delete]:
     by_id = table.c.id == bindparam("k_id")
     return insert(table), update(table).where(by_id), delete(table).where(by_id)
@@ -95,18 +110,16 @@ def unique_holders(
     wanted = list(dict.fromkeys(candidates))
     if record is None or not wanted:
         return {}
-    table = record.table
     found: dict[tuple[str, str, tuple[str, ...], tuple[Any, ...]], str] = {}
     for group in spec.unique:
         values = [c for c in wanted if len(c) == len(group)]
         if not values:
             continue
-        query = select(table.c.id, *[table.c[name] for name in group]).where(
-            tuple_(*[table.c[name] for name in group]).in_(values)
-        )
         branch = scope_branch(scope)
-        if record.branch_column is not None and branch is not None:
-            query = query.where(table.c[record.branch_column] == branch)
-        for row in conn.execute(query):
+        by_branch = record.branch_column is not None and branch is not None
+        params: dict[str, Any] = {"values": values}
+        if by_branch:
+            params["branch"] = branch
+        for row in conn.execute(_holders_query(record, group, by_branch), params):
             found[(spec.name, scope, group, tuple(row[1:]))] = row[0]
     return found
