@@ -304,11 +304,7 @@ class _Planner:
         values = self._check_fields(i, spec, op.fields)
         if values is None:
             return
-        if spec.scope_field is not None and spec.scope_field not in values:
-            # A device works for one branch: a row it creates belongs there unless it says.
-            device_branch = self.principal.device_branch_id
-            if device_branch is not None:
-                values[spec.scope_field] = device_branch.lower()
+        values = with_home_branch(spec, values, self.principal)
         # Every declared field is in a row's image, so replicas never guess at absent keys.
         unset = {name: None for name, fspec in spec.fields.items() if fspec.nullable}
         data: dict[str, Any] = {**unset, **spec.defaults, **values}
@@ -550,6 +546,18 @@ class _Planner:
                 data = {**row.data, **changed}
                 self._claim_unique(entity, row.id, row.scope, row.data, data)
                 self._write(entity, row, data, set(changed), created=False)
+
+
+def with_home_branch(
+    spec: EntitySpec, fields: Mapping[str, Any], principal: Principal
+) -> dict[str, Any]:
+    """The fields of a create, the row's branch defaulted to the device's: a device works for
+    one branch, so a row it creates belongs there unless it says otherwise."""
+    values = dict(fields)
+    branch = principal.device_branch_id
+    if spec.scope_field is not None and spec.scope_field not in values and branch is not None:
+        values[spec.scope_field] = branch.lower()
+    return values
 
 
 def plan_change_set(

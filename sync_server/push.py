@@ -21,7 +21,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
-from conflict.planner import OpIssue, Plan, plan_change_set, touched_keys
+from conflict.planner import OpIssue, Plan, plan_change_set, touched_keys, with_home_branch
 from domain.fields import Field
 from domain.ops import CreateOp, DeleteOp, IntentOp, Op, PatchOp, Principal, RowState
 from domain.registry import Registry
@@ -49,12 +49,10 @@ class SeqGap:
 
 def _canonical(fields: Mapping[str, Field], values: dict[str, Any]) -> dict[str, Any]:
     # Ids are stored lower-case: an upper-case branch id must lock and write the same scope
-    # (step 4), and an upper-case reference must find the same row. Invalid values are left
-    # as they are for the planner to refuse.
+    # (step 4), and an upper-case reference must find the same row. Undeclared or invalid
+    # values are left for the planner to refuse.
     return {
-        name: value.lower()
-        if isinstance(value, str) and name in fields and fields[name].kind == "uuid"
-        else value
+        name: spec.canonical(value) if (spec := fields.get(name)) is not None else value
         for name, value in values.items()
     }
 
@@ -63,7 +61,7 @@ def to_domain_op(op: m.Op, registry: Registry) -> Op:
     """The wire op as a domain op, with every id in its canonical (lower-case) spelling."""
     if isinstance(op, m.Intent):
         intent = registry.intents.get(op.name)
-        return IntentOp(op.name, _canonical(intent.args, op.args) if intent else op.args)
+        return IntentOp(op.name, intent.canonical_args(op.args) if intent else op.args)
     spec = registry.entity(op.entity)
     if isinstance(op, m.Create):
         return CreateOp(
@@ -85,10 +83,7 @@ def _scopes_to_lock(
             spec = registry.entity(op.entity)
             if spec is None:
                 continue
-            data: dict[str, Any] = dict(op.fields)
-            if spec.scope_field and spec.scope_field not in data:
-                data[spec.scope_field] = principal.device_branch_id
-            scope = spec.scope_of(data)
+            scope = spec.scope_of(with_home_branch(spec, op.fields, principal))
             if scope is not None and principal.may_access(scope):
                 scopes.add(scope)
     return scopes
@@ -113,10 +108,7 @@ def _unique_index(
         if current is not None:
             scope: str | None = current.scope
         else:
-            data: dict[str, Any] = dict(op.fields)
-            if spec.scope_field and spec.scope_field not in data:
-                data[spec.scope_field] = principal.device_branch_id
-            scope = spec.scope_of(data)
+            scope = spec.scope_of(with_home_branch(spec, op.fields, principal))
         if scope is None:
             continue
         candidates = [
