@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection
 from starlette.requests import Request
 
@@ -48,36 +48,47 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
+# One statement, one round trip: the user, whether this token's session was signed out, and
+# the user's branches (one row per branch; a user without branches gives one row with NULL).
+_SIGNED_OUT = (
+    select(refresh_tokens.c.id)
+    .where(refresh_tokens.c.access_jti == bindparam("jti"))
+    .where(refresh_tokens.c.revoked_at.is_not(None))
+    .exists()
+)
+_IDENTITY = (
+    select(
+        users.c.id,
+        users.c.role,
+        users.c.display_name,
+        users.c.is_active,
+        users.c.token_epoch,
+        _SIGNED_OUT.label("signed_out"),
+        user_branches.c.branch_id,
+    )
+    .select_from(users.outerjoin(user_branches, user_branches.c.user_id == users.c.id))
+    .where(users.c.id == bindparam("user_id"))
+)
+_ALL_BRANCHES = select(branches.c.id)
+
+
 def load_identity(conn: Connection, claims: AccessClaims) -> Identity:
     """Resolve verified ``claims`` to the user's current identity, or raise a 401."""
-    row = conn.execute(
-        select(
-            users.c.id, users.c.role, users.c.display_name, users.c.is_active, users.c.token_epoch
-        ).where(users.c.id == claims.user_id)
-    ).first()
-    if row is None or not row.is_active:
+    rows = conn.execute(_IDENTITY, {"user_id": claims.user_id, "jti": claims.token_id}).all()
+    if not rows or not rows[0].is_active:
         raise _unauthenticated("This account is not active.")
+    row = rows[0]
     if row.token_epoch != claims.epoch:
         raise _unauthenticated("This token has been revoked; sign in again.")
     # An access token issued with a refresh token dies with its session (logout, refresh-token
     # reuse), not 15 minutes later. Tokens minted outside a session (CLI) have no row.
-    revoked = conn.execute(
-        select(refresh_tokens.c.id)
-        .where(refresh_tokens.c.access_jti == claims.token_id)
-        .where(refresh_tokens.c.revoked_at.is_not(None))
-        .limit(1)
-    ).first()
-    if revoked is not None:
+    if row.signed_out:
         raise _unauthenticated("This session has been signed out; sign in again.")
     role = parse_role(row.role)
     if role is Role.ADMIN:
-        branch_ids = frozenset(conn.execute(select(branches.c.id)).scalars())
+        branch_ids = frozenset(conn.execute(_ALL_BRANCHES).scalars())
     else:
-        branch_ids = frozenset(
-            conn.execute(
-                select(user_branches.c.branch_id).where(user_branches.c.user_id == row.id)
-            ).scalars()
-        )
+        branch_ids = frozenset(r.branch_id for r in rows if r.branch_id is not None)
     return Identity(
         user_id=row.id,
         role=role,
@@ -88,17 +99,23 @@ def load_identity(conn: Connection, claims: AccessClaims) -> Identity:
     )
 
 
+def verified_claims(request: Request) -> AccessClaims:
+    """The claims of ``request``'s bearer token, signature and expiry checked (no database:
+    :func:`load_identity` then says whether the user may still use them)."""
+    resources: Resources = request.app.state.resources
+    try:
+        return resources.tokens.verify(bearer_token(request))
+    except InvalidToken as exc:
+        raise _unauthenticated("The access token is invalid or expired.") from exc
+
+
 def authenticate(request: Request) -> Identity:
     """The identity behind ``request``'s bearer token (blocking: call from a thread)."""
     resources: Resources = request.app.state.resources
-    try:
-        claims = resources.tokens.verify(bearer_token(request))
-    except InvalidToken as exc:
-        raise _unauthenticated("The access token is invalid or expired.") from exc
+    claims = verified_claims(request)
+    # Closed with its read transaction open: the connection's close() rolls it back, once.
     with resources.engine.connect() as conn:
-        identity = load_identity(conn, claims)
-        conn.rollback()
-    return identity
+        return load_identity(conn, claims)
 
 
 # Every route declares what it needs: a permission slug (seeded by the migrations, see

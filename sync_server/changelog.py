@@ -5,6 +5,9 @@ Every write to a synced row goes through a :class:`ChangeLog` bound to the writi
 1. :meth:`ChangeLog.lock_scopes` locks the counter row of every scope the transaction will write,
    always in sorted order (two transactions that both write "org" and "branch:x" take the locks
    in the same order, so they queue instead of deadlocking). The lock is held until commit.
+   Rows a transaction reads in order to decide what to write are locked *before* the counters
+   (:meth:`ChangeLog.load_rows` with ``lock=True``): the counter, which every writer of the scope
+   queues on, is then held only for the writes themselves.
 2. Each scope gets exactly one new version for the transaction: ``counter + 1``. Because the
    counter stays locked until commit, the next writer of the scope cannot take ``counter + 2``
    before this one is committed: **within a scope, version order is commit order**, so a reader
@@ -24,6 +27,7 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import bindparam, insert, select, tuple_, update
+from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Connection
 
 from domain.ops import RowState
@@ -51,10 +55,35 @@ class ScopeHead:
 # Statements built once and executed with parameters (executemany for rows): the SQL is
 # compiled once per process instead of once per row.
 _INSERT_ROW = insert(sync_rows)
-_UPDATE_ROW = update(sync_rows).where(
-    sync_rows.c.entity == bindparam("k_entity"), sync_rows.c.row_id == bindparam("k_row_id")
-)
+#: Columns a rewrite of an existing row replaces (a row never changes scope).
+_REWRITTEN = ("version", "deleted", "data", "field_versions", "changed_at")
+_mysql_upsert = mysql.insert(sync_rows)
+_sqlite_upsert = sqlite.insert(sync_rows)
+#: Rewrites of existing rows, all in one statement: an "upsert" whose insert never happens,
+#: because only rows this transaction has read (and so knows to exist) are sent through it;
+#: ``sync_rows`` has no unique key but its primary key, so the update hits exactly that row.
+#: Rows believed new go through the plain insert instead, which fails if another transaction
+#: created them meanwhile (an upsert would silently overwrite that row).
+_REWRITE_ROWS = {
+    "mysql": _mysql_upsert.on_duplicate_key_update(
+        {name: _mysql_upsert.inserted[name] for name in _REWRITTEN}
+    ),
+    "sqlite": _sqlite_upsert.on_conflict_do_update(
+        index_elements=[sync_rows.c.entity, sync_rows.c.row_id],
+        set_={name: _sqlite_upsert.excluded[name] for name in _REWRITTEN},
+    ),
+}
 _UPDATE_SCOPE = update(sync_scopes).where(sync_scopes.c.scope == bindparam("k_scope"))
+_LOCK_SCOPE = (
+    select(
+        sync_scopes.c.version,
+        sync_scopes.c.horizon,
+        sync_scopes.c.row_count,
+        sync_scopes.c.checksum,
+    )
+    .where(sync_scopes.c.scope == bindparam("k_scope"))
+    .with_for_update()
+)
 _ROW_COLUMNS = select(
     sync_rows.c.entity,
     sync_rows.c.row_id,
@@ -70,6 +99,16 @@ _LOAD_ONE = _ROW_COLUMNS.where(
 _LOAD_MANY = _ROW_COLUMNS.where(
     tuple_(sync_rows.c.entity, sync_rows.c.row_id).in_(bindparam("keys", expanding=True))
 )
+#: (one row, many rows) -> statement, plain or locking (FOR UPDATE; SQLite renders no clause:
+#: its writers hold the database lock from BEGIN IMMEDIATE).
+_LOADS = {
+    False: (_LOAD_ONE, _LOAD_MANY),
+    True: (_LOAD_ONE.with_for_update(), _LOAD_MANY.with_for_update()),
+}
+
+
+def _family(conn: Connection) -> str:
+    return "sqlite" if conn.dialect.name == "sqlite" else "mysql"
 
 
 class ScopeNotLocked(RuntimeError):
@@ -103,16 +142,7 @@ class ChangeLog:
         return self.heads
 
     def _select_for_update(self, scope: str) -> ScopeHead | None:
-        row = self.conn.execute(
-            select(
-                sync_scopes.c.version,
-                sync_scopes.c.horizon,
-                sync_scopes.c.row_count,
-                sync_scopes.c.checksum,
-            )
-            .where(sync_scopes.c.scope == scope)
-            .with_for_update()
-        ).first()
+        row = self.conn.execute(_LOCK_SCOPE, {"k_scope": scope}).first()
         if row is None:
             return None
         return ScopeHead(scope, row.version, row.horizon, row.row_count, row.checksum)
@@ -129,17 +159,20 @@ class ChangeLog:
         self.conn.execute(stmt)
 
     # Reading -------------------------------------------------------------------------------
-    def load_rows(self, keys: Iterable[Key]) -> dict[Key, RowState | None]:
-        """The current image of each row (None when it never existed)."""
+    def load_rows(self, keys: Iterable[Key], *, lock: bool = False) -> dict[Key, RowState | None]:
+        """The current image of each row (None when it never existed). With ``lock`` the rows
+        are read with ``FOR UPDATE``, so nobody else changes them until this transaction ends;
+        lock them before any scope counter (the engine's lock order: rows, then counters)."""
         wanted = [k for k in dict.fromkeys(keys) if k not in self._rows]
+        load_one, load_many = _LOADS[lock]
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
             found: dict[Key, RowState] = {}
             if len(chunk) == 1:
                 ((entity, row_id),) = chunk
-                result = self.conn.execute(_LOAD_ONE, {"k_entity": entity, "k_row_id": row_id})
+                result = self.conn.execute(load_one, {"k_entity": entity, "k_row_id": row_id})
             else:
-                result = self.conn.execute(_LOAD_MANY, {"keys": chunk})
+                result = self.conn.execute(load_many, {"keys": chunk})
             for r in result:
                 found[(r.entity, r.row_id)] = RowState(
                     entity=r.entity,
@@ -153,11 +186,6 @@ class ChangeLog:
             for key in chunk:
                 self._rows[key] = found.get(key)
         return {k: self._rows[k] for k in dict.fromkeys(keys)}
-
-    def forget(self) -> None:
-        """Drop cached row images (after locking, re-read what was read before the lock)."""
-        self.flush()
-        self._rows.clear()
 
     # Steps 2 and 3 -------------------------------------------------------------------------
     def write(
@@ -210,10 +238,10 @@ class ChangeLog:
         # the kind of its first write with the values of the last.
         pending = self._pending.get(key)
         creates = current is None if pending is None else pending[0] == "insert"
-        if creates:
-            self._pending[key] = ("insert", {"entity": entity, "row_id": row_id, **values})
-        else:
-            self._pending[key] = ("update", {"k_entity": entity, "k_row_id": row_id, **values})
+        self._pending[key] = (
+            "insert" if creates else "rewrite",
+            {"entity": entity, "row_id": row_id, **values},
+        )
         self._rows[key] = RowState(
             entity, row_id, scope, version, data is None, dict(data or {}), field_versions
         )
@@ -223,12 +251,12 @@ class ChangeLog:
         """Send the buffered row writes (finish() does; call it before reading ``sync_rows``
         with other SQL in the same transaction)."""
         inserts = [params for kind, params in self._pending.values() if kind == "insert"]
-        updates = [params for kind, params in self._pending.values() if kind == "update"]
+        rewrites = [params for kind, params in self._pending.values() if kind == "rewrite"]
         self._pending.clear()
         if inserts:
             self.conn.execute(_INSERT_ROW, inserts)
-        if updates:
-            self.conn.execute(_UPDATE_ROW, updates)
+        if rewrites:
+            self.conn.execute(_REWRITE_ROWS[_family(self.conn)], rewrites)
 
     # Step 4 --------------------------------------------------------------------------------
     def finish(self) -> dict[str, int]:
@@ -265,6 +293,7 @@ def publish(
     """Write one server-owned row (a branch, a staff member, a device) to the log in its own
     scope lock; for code outside the push path (CLI, /api/v1). Returns the version."""
     log = ChangeLog(conn, now)
+    log.load_rows([(entity, row_id)], lock=True)  # rows before counters
     log.lock_scopes([scope])
     version = log.write(entity, row_id, scope, data)
     log.finish()

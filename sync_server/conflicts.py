@@ -204,9 +204,10 @@ def resolve_in(
     versions: dict[str, int] = {}
     changelog = ChangeLog(conn, now)
     if resolution == ACCEPT:
-        changelog.lock_scopes([record.scope])
+        # The engine's lock order (see sync_server.changelog): the row, then the counter.
         key = (record.entity, record.row_id)
-        current = changelog.load_rows([key])[key]
+        current = changelog.load_rows([key], lock=True)[key]
+        changelog.lock_scopes([record.scope])
         if current is not None and current.scope != record.scope:
             raise ApiError(409, "invalid_proposal", "The row is no longer in this scope.")
         candidates = unique_candidates(record, current, registry)

@@ -25,6 +25,15 @@ from .passwords import hash_password
 from .tables import branches, devices, user_branches, users
 
 
+class DeviceRefused(Exception):
+    """The device may not sync for this user: ``unregistered`` (no such device) or not its
+    own (another user's, or revoked). Raised by push and pull before anything else is read."""
+
+    def __init__(self, unregistered: bool) -> None:
+        super().__init__("device not registered" if unregistered else "device forbidden")
+        self.unregistered = unregistered
+
+
 class DirectoryError(ValueError):
     """A request the directory cannot honour (unknown branch, duplicate email, …)."""
 

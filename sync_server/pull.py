@@ -22,7 +22,7 @@ from sync_protocol import messages as m
 from sync_protocol.checksums import MOD
 
 from .db import read_transaction, run_in_transaction
-from .directory import utcnow
+from .directory import DeviceRefused, utcnow
 from .tables import devices, sync_rows, sync_scopes
 
 _decode = msgspec.msgpack.Decoder().decode
@@ -36,15 +36,6 @@ class ResetRequired(Exception):
     def __init__(self, scopes: list[str]) -> None:
         super().__init__(", ".join(scopes))
         self.scopes = scopes
-
-
-class DeviceRefused(Exception):
-    """The device may not pull for this user: ``unregistered`` (no such device) or not its
-    own (another user's, or revoked). Raised before anything else is read."""
-
-    def __init__(self, unregistered: bool) -> None:
-        super().__init__("device not registered" if unregistered else "device forbidden")
-        self.unregistered = unregistered
 
 
 class RowOut(msgspec.Struct, array_like=False):

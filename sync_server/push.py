@@ -11,13 +11,13 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 from typing import Any
 
 import msgspec
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
@@ -28,9 +28,9 @@ from domain.registry import Registry
 from sync_protocol import messages as m
 
 from .changelog import ChangeLog, ScopeNotLocked
-from .db import run_in_transaction
-from .directory import utcnow
-from .records import save, unique_holders
+from .db import transact
+from .directory import DeviceRefused, utcnow
+from .records import RecordWriter, unique_holders
 from .tables import conflicts, devices, sync_change_sets
 
 log = logging.getLogger("galley.push")
@@ -172,6 +172,25 @@ def _outcome_for(
     )
 
 
+_LOCK_DEVICE = (
+    select(devices.c.last_applied_seq, devices.c.user_id, devices.c.branch_id, devices.c.revoked_at)
+    .where(devices.c.id == bindparam("device_id"))
+    .with_for_update()
+)
+
+
+def device_principal(user: Principal, device: Any) -> Principal:
+    """``user`` writing through ``device`` (its row in ``devices``, None when there is no such
+    device): refused unless the device is the user's and not revoked; the device's branch is
+    where its creates go by default (see ``conflict.planner.with_home_branch``)."""
+    if device.user_id != user.user_id or device.revoked_at is not None:
+        raise DeviceRefused(unregistered=False)
+    branch = device.branch_id if device.branch_id in user.branch_ids else None
+    if branch is None and len(user.branch_ids) == 1:
+        (branch,) = user.branch_ids
+    return replace(user, device_branch_id=branch)
+
+
 def apply_change_set(
     conn: Connection,
     *,
@@ -192,10 +211,13 @@ def apply_change_set(
     ``observed`` receives the device's last applied seq as step 1 read it.
     """
     # Step 1: lock the device row. Every push of this device queues here, so two racing copies
-    # of the same change-set cannot both see it as new.
-    last = conn.execute(
-        select(devices.c.last_applied_seq).where(devices.c.id == device_id).with_for_update()
-    ).scalar_one()
+    # of the same change-set cannot both see it as new. The same read says whether the device
+    # is still this user's (a revocation or a transfer takes effect between two change-sets).
+    device = conn.execute(_LOCK_DEVICE, {"device_id": device_id}).first()
+    if device is None:
+        raise DeviceRefused(unregistered=True)
+    principal = device_principal(principal, device)
+    last = device.last_applied_seq
     if observed is not None:
         observed.append(int(last))
 
@@ -231,19 +253,15 @@ def apply_change_set(
             now=now,
         )
 
-    # Step 4: find and lock the scopes the ops write, in sorted order, then read the rows.
+    # Step 4: read and lock the rows the ops name, then lock the counters of the scopes they
+    # write, in sorted order. A row never changes scope, so once it is locked its scope is
+    # known for good; a row that does not exist yet and is created meanwhile by another
+    # device makes our insert fail on its key, and the change-set is planned again.
     ops = [to_domain_op(op, registry) for op in change_set.ops]
-    keys = touched_keys(ops, registry)
     changelog = ChangeLog(conn, now)
-    before = changelog.load_rows(keys)
-    known = {k: r.scope for k, r in before.items() if r is not None}
+    rows = changelog.load_rows(touched_keys(ops, registry), lock=True)
+    known = {k: r.scope for k, r in rows.items() if r is not None}
     changelog.lock_scopes(_scopes_to_lock(ops, principal, registry, known))
-    changelog.forget()
-    rows = changelog.load_rows(keys)
-    for key, row in rows.items():
-        if row is not None and row.scope not in changelog.heads:
-            # Created concurrently between our unlocked read and the lock: start over.
-            raise ScopeNotLocked(f"{key} appeared in {row.scope}")
 
     # Step 5: the functional core decides.
     unique_index = _unique_index(conn, ops, rows, principal, registry)
@@ -261,40 +279,42 @@ def apply_change_set(
     conflict_ids: list[str] = []
     versions: dict[str, int] = {}
     if not plan.rejected:
+        records = RecordWriter(conn, registry, now)
         for write in plan.writes.values():
             version = changelog.write(
                 write.entity, write.id, write.scope, write.data, write.changed
             )
-            save(
-                conn,
+            records.save(
                 write.entity,
                 write.id,
                 write.data,
                 version=version,
                 created=write.created,
-                now=now,
+                changed=write.changed,
             )
+        records.flush()
         for draft in plan.conflicts:
             conflict_id = str(uuid.uuid4())
             conflict_ids.append(conflict_id)
             conn.execute(
-                insert(conflicts).values(
-                    id=conflict_id,
-                    scope=draft.scope,
-                    entity=draft.entity,
-                    row_id=draft.id,
-                    kind=draft.kind,
-                    device_id=device_id,
-                    user_id=principal.user_id,
-                    change_set_id=change_set.id,
-                    op_index=draft.op_index,
-                    base_version=draft.base_version,
-                    server_version=draft.server_version,
-                    proposed=json.dumps(draft.proposed, sort_keys=True),
-                    server_state=json.dumps(draft.server_state, sort_keys=True, default=str),
-                    status="open",
-                    created_at=now,
-                )
+                _INSERT_CONFLICT,
+                {
+                    "id": conflict_id,
+                    "scope": draft.scope,
+                    "entity": draft.entity,
+                    "row_id": draft.id,
+                    "kind": draft.kind,
+                    "device_id": device_id,
+                    "user_id": principal.user_id,
+                    "change_set_id": change_set.id,
+                    "op_index": draft.op_index,
+                    "base_version": draft.base_version,
+                    "server_version": draft.server_version,
+                    "proposed": json.dumps(draft.proposed, sort_keys=True),
+                    "server_state": json.dumps(draft.server_state, sort_keys=True, default=str),
+                    "status": "open",
+                    "created_at": now,
+                },
             )
         versions = changelog.finish()
 
@@ -344,24 +364,34 @@ def _record(
 ) -> m.Outcome:
     """Step 7: store the outcome and advance the device's last applied seq."""
     conn.execute(
-        insert(sync_change_sets).values(
-            device_id=device_id,
-            seq=change_set.seq,
-            change_set_id=record_id,
-            user_id=principal.user_id,
-            status=outcome.status,
-            outcome=_encode(outcome),
-            ops=_storable_ops(change_set.ops),
-            client_created_at=change_set.created_at,
-            received_at=now,
-        )
+        _INSERT_RECORD,
+        {
+            "device_id": device_id,
+            "seq": change_set.seq,
+            "change_set_id": record_id,
+            "user_id": principal.user_id,
+            "status": outcome.status,
+            "outcome": _encode(outcome),
+            "ops": _storable_ops(change_set.ops),
+            "client_created_at": change_set.created_at,
+            "received_at": now,
+        },
     )
     conn.execute(
-        update(devices)
-        .where(devices.c.id == device_id)
-        .values(last_applied_seq=change_set.seq, last_seen_at=now)
+        _ADVANCE_DEVICE,
+        {"k_device_id": device_id, "last_applied_seq": change_set.seq, "last_seen_at": now},
     )
     return outcome
+
+
+# Built once: building (and cache-keying) a statement with its values inlined, per call, cost
+# more CPU than sending it.
+_INSERT_RECORD = insert(sync_change_sets)
+_ADVANCE_DEVICE = update(devices).where(devices.c.id == bindparam("k_device_id"))
+_INSERT_CONFLICT = insert(conflicts)
+_DEVICE = select(
+    devices.c.last_applied_seq, devices.c.user_id, devices.c.branch_id, devices.c.revoked_at
+).where(devices.c.id == bindparam("device_id"))
 
 
 def _apply_now(conn: Connection, **kwargs: Any) -> m.Outcome | SeqGap:
@@ -379,14 +409,31 @@ class PushResult:
 
 
 def push(
-    engine: Engine,
+    db: Engine | Connection,
     *,
     device_id: str,
     principal: Principal,
     change_sets: Sequence[m.ChangeSet],
     registry: Registry,
 ) -> PushResult:
-    """Apply ``change_sets`` in order, each in its own transaction; stop at a seq gap."""
+    """Apply ``change_sets`` in order, each in its own transaction; stop at a seq gap.
+
+    ``principal`` is the signed-in user; which branch the device writes to by default comes
+    from the device's row (see :func:`device_principal`), which also refuses a device that is
+    not the user's (:class:`DeviceRefused`). Given a connection, every transaction runs on it
+    (one pool checkout for the request); a transaction the caller left open on it (its
+    authentication reads) becomes part of the first change-set's.
+    """
+    if isinstance(db, Engine):
+        with db.connect() as conn:
+            return push(
+                conn,
+                device_id=device_id,
+                principal=principal,
+                change_sets=change_sets,
+                registry=registry,
+            )
+    conn = db
     outcomes: list[m.Outcome] = []
     versions: dict[str, int] = {}
     gap: SeqGap | None = None
@@ -398,8 +445,8 @@ def push(
         for attempt in range(4):
             observed.clear()
             try:
-                result = run_in_transaction(
-                    engine,
+                result = transact(
+                    conn,
                     partial(
                         _apply_now,
                         device_id=device_id,
@@ -423,9 +470,10 @@ def push(
                 )
             except (IntegrityError, DataError) as exc:
                 if refusal is None and attempt == 0:
-                    # Perhaps the change-set id is taken (step 7's insert failed on it): the
-                    # retry looks for it and rejects this one as a duplicate. Checking only
-                    # then keeps a query off every push.
+                    # Perhaps the change-set id is taken (step 7's insert failed on it), or a
+                    # row we saw as new was created meanwhile (step 4): the retry looks for the
+                    # id and plans again over the rows as they now are. Checking only then
+                    # keeps a query off every push.
                     continue
                 # The database itself refuses the writes (a constraint the planner did not
                 # foresee). Failing every retry with a 500 would block the device's queue
@@ -450,11 +498,10 @@ def push(
         for scope, version in result.versions.items():
             versions[scope] = max(versions.get(scope, 0), version)
     if last_applied is None:  # an empty batch: say where the device stands
-        with engine.connect() as conn:
-            last_applied = int(
-                conn.execute(
-                    select(devices.c.last_applied_seq).where(devices.c.id == device_id)
-                ).scalar_one()
-            )
-            conn.rollback()
+        device = conn.execute(_DEVICE, {"device_id": device_id}).first()
+        if device is None:
+            raise DeviceRefused(unregistered=True)
+        device_principal(principal, device)
+        last_applied = int(device.last_applied_seq)
+        conn.rollback()
     return PushResult(outcomes, last_applied, gap, versions)

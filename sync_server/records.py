@@ -7,10 +7,10 @@ transaction by the push engine, so they never disagree.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from sqlalchemy import (
@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Update,
     bindparam,
+    case,
     delete,
     insert,
     select,
@@ -28,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from domain.registry import EntitySpec, scope_branch
+from domain.registry import EntitySpec, Registry, scope_branch
 
 from .tables import inventory_items, menu_items
 
@@ -80,6 +81,96 @@ def save(
             _statements(table)[1],
             {"k_id": row_id, "version": version, "updated_at": now, **columns},
         )
+
+
+class RecordWriter:
+    """Mirrors a change-set's planned writes into the entities' tables, in as few statements
+    as is safe.
+
+    Writes go out in plan order, one statement each, except rewrites of existing rows that
+    change no unique column (a rename, a new price: most of them). Those cannot collide with
+    any other write of the change-set in a unique index, so their order does not matter: they
+    are held back and sent by :meth:`flush` as one ``UPDATE … SET col = CASE id …`` per table
+    and version. A write that moves a unique value (a new SKU) keeps its place in the order,
+    since a delete, a create and a rename of the same SKU in one change-set must reach the
+    unique index in the order the device made them.
+    """
+
+    def __init__(self, conn: Connection, registry: Registry, now: datetime) -> None:
+        self.conn = conn
+        self.registry = registry
+        self.now = now
+        self._held: dict[tuple[str, int], list[tuple[str, Mapping[str, Any]]]] = {}
+
+    def save(
+        self,
+        entity: str,
+        row_id: str,
+        data: Mapping[str, Any] | None,
+        *,
+        version: int,
+        created: bool,
+        changed: Iterable[str],
+    ) -> None:
+        if entity not in RECORD_TABLES:
+            return
+        spec = self.registry.entity(entity)
+        unique = {name for group in spec.unique for name in group} if spec else set()
+        if data is not None and not created and unique.isdisjoint(changed):
+            self._held.setdefault((entity, version), []).append((row_id, data))
+            return
+        save(self.conn, entity, row_id, data, version=version, created=created, now=self.now)
+
+    def flush(self) -> None:
+        for (entity, version), rows in self._held.items():
+            _rewrite(self.conn, RECORD_TABLES[entity], rows, version=version, now=self.now)
+        self._held.clear()
+
+
+def _rewrite(
+    conn: Connection,
+    record: RecordTable,
+    rows: Sequence[tuple[str, Mapping[str, Any]]],
+    *,
+    version: int,
+    now: datetime,
+) -> None:
+    table = record.table
+    shapes = {tuple(sorted(k for k in data if k in table.c and k != "id")) for _, data in rows}
+    if len(rows) == 1 or len(shapes) != 1:
+        # One row, or images of different shapes (not produced by the planner, which writes
+        # whole images): one statement per row.
+        for row_id, data in rows:
+            save(conn, table.name, row_id, data, version=version, created=False, now=now)
+        return
+    (columns,) = shapes
+    params: dict[str, Any] = {"version": version, "updated_at": now}
+    for i, (row_id, data) in enumerate(rows):
+        params[f"id_{i}"] = row_id
+        for name in columns:
+            params[f"{name}_{i}"] = data[name]
+    conn.execute(_rewrite_statement(record, columns, len(rows)), params)
+
+
+@lru_cache(maxsize=256)
+def _rewrite_statement(record: RecordTable, columns: tuple[str, ...], count: int) -> Update:
+    """``UPDATE t SET c = CASE WHEN id = :id_0 THEN :c_0 … END, … WHERE id IN (…)``, built
+    once per (table, columns, number of rows)."""
+    table = record.table
+    ids = [bindparam(f"id_{i}", type_=table.c.id.type) for i in range(count)]
+    values: dict[str, Any] = {
+        name: case(
+            *[
+                (table.c.id == ids[i], bindparam(f"{name}_{i}", type_=table.c[name].type))
+                for i in range(count)
+            ],
+            else_=table.c[name],
+        )
+        for name in columns
+    }
+    values["version"] = bindparam("version", type_=table.c.version.type)
+    values["updated_at"] = bindparam("updated_at", type_=table.c.updated_at.type)
+    return update(table).where(table.c.id.in_(ids)).values(values)
 
 
 @cache

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,14 +20,13 @@ from domain.ops import Principal
 from sync_protocol import messages as m
 from sync_protocol.codec import JSON, MSGPACK
 
-from .authn import Identity, authenticate
+from .authn import authenticate, load_identity, verified_claims
 from .db import run_in_transaction
-from .directory import DeviceOwnedElsewhere, register_device
+from .directory import DeviceOwnedElsewhere, DeviceRefused, register_device
 from .errors import ApiError
-from .pull import DeviceRefused, ResetRequired, pull, visible_scopes
-from .push import push
+from .pull import ResetRequired, pull, visible_scopes
+from .push import PushResult, push
 from .resources import Resources
-from .tables import devices
 
 T = TypeVar("T")
 REGISTRY = default_registry()
@@ -144,24 +142,6 @@ def _device_refused(*, unregistered: bool) -> ApiError:
     return ApiError(403, "device_forbidden", "This device does not belong to the signed-in user.")
 
 
-def _device_principal(resources: Resources, identity: Identity, device_id: str) -> Principal:
-    with resources.engine.connect() as conn:
-        row = conn.execute(
-            select(devices.c.user_id, devices.c.branch_id, devices.c.revoked_at).where(
-                devices.c.id == device_id.lower()
-            )
-        ).first()
-        conn.rollback()
-    if row is None:
-        raise _device_refused(unregistered=True)
-    if row.user_id != identity.user_id or row.revoked_at is not None:
-        raise _device_refused(unregistered=False)
-    branch = row.branch_id if row.branch_id in identity.branch_ids else None
-    if branch is None and len(identity.branch_ids) == 1:
-        branch = next(iter(identity.branch_ids))
-    return Principal(identity.user_id, identity.role, identity.branch_ids, branch)
-
-
 async def _run(fn: Callable[[], T]) -> T:
     return await run_in_threadpool(fn)
 
@@ -213,19 +193,31 @@ async def push_endpoint(request: Request) -> Response:
     """Apply a batch of change-sets (docs/protocol.md § Push)."""
     # Who is asking comes first: an anonymous client learns nothing about its message.
     _media_types(request)
-    identity = await _run(lambda: authenticate(request))
+    claims = verified_claims(request)
     message, response_type = await _decode(request, m.PushRequest)
     resources: Resources = request.app.state.resources
-    principal = await _run(lambda: _device_principal(resources, identity, message.device_id))
-    result = await _run(
-        lambda: push(
-            resources.engine,
-            device_id=message.device_id.lower(),
-            principal=principal,
-            change_sets=message.change_sets,
-            registry=REGISTRY,
-        )
-    )
+
+    def work() -> PushResult:
+        # One connection, one thread hop: the user's current state is read in the first
+        # change-set's transaction, the device is checked under its row lock (push step 1).
+        with resources.engine.connect() as conn:
+            identity = load_identity(conn, claims)
+            result = push(
+                conn,
+                device_id=message.device_id.lower(),
+                principal=Principal(identity.user_id, identity.role, identity.branch_ids),
+                change_sets=message.change_sets,
+                registry=REGISTRY,
+            )
+        # Tell listeners (live pulls) that the scopes moved on, once committed.
+        for scope, version in result.versions.items():
+            resources.pubsub.publish(f"galley:scope:{scope}", str(version).encode())
+        return result
+
+    try:
+        result = await _run(work)
+    except DeviceRefused as exc:
+        raise _device_refused(unregistered=exc.unregistered) from None
     error = None
     if result.gap is not None:
         error = m.ErrorBody(
@@ -233,14 +225,6 @@ async def push_endpoint(request: Request) -> Response:
             f"Change-set seq {result.gap.expected} is the next one expected; resend from there.",
             {"expected_seq": [str(result.gap.expected)]},
         )
-    if result.versions:
-        # Tell listeners (live pulls) that the scopes moved on. Redis is a network call: off
-        # the event loop, like the database.
-        def notify() -> None:
-            for scope, version in result.versions.items():
-                resources.pubsub.publish(f"galley:scope:{scope}", str(version).encode())
-
-        await _run(notify)
     return _encode(
         m.PushResponse(m.PROTOCOL_VERSION, result.outcomes, result.last_applied_seq, error),
         response_type,

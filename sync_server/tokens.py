@@ -20,6 +20,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from .settings import Settings
 
 ALGORITHM = "EdDSA"
+#: Verified tokens remembered per process (see TokenService.verify); cleared when full.
+VERIFIED_CACHE_SIZE = 4096
+#: Seconds of clock skew tolerated on exp/nbf/iat.
+LEEWAY = 5
 
 
 class InvalidToken(Exception):
@@ -59,6 +63,13 @@ class TokenService:
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
         self.ttl = settings.access_token_ttl_seconds
+        # token -> its claims, for tokens whose signature and claims were already checked. A
+        # device sends the same token with every request for up to its lifetime; verifying an
+        # Ed25519 signature and parsing the claims again each time was a visible share of a
+        # small push's CPU. Only expiry changes with time, and it is checked on every hit.
+        # Whether the user may still use the token (deactivation, sign-out, epoch) is not
+        # cached here: that is read from the database on every request (authn.load_identity).
+        self._verified: dict[str, AccessClaims] = {}
 
     def public_key_pem(self) -> bytes:
         return self._public.public_bytes(
@@ -94,6 +105,24 @@ class TokenService:
         return jwt.encode(payload, self._private, algorithm=ALGORITHM)
 
     def verify(self, token: str, *, now: float | None = None) -> AccessClaims:
+        claims = self._verified.get(token)
+        if claims is not None:
+            # The same judgement as a first verification: PyJWT's (with leeway) against the
+            # clock, or the caller's ``now`` strictly.
+            if (
+                claims.expires_at < now
+                if now is not None
+                else claims.expires_at + LEEWAY < time.time()
+            ):
+                raise InvalidToken("token expired")
+            return claims
+        claims = self._verify(token, now=now)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = claims
+        return claims
+
+    def _verify(self, token: str, *, now: float | None = None) -> AccessClaims:
         try:
             payload = jwt.decode(
                 token,
@@ -102,7 +131,7 @@ class TokenService:
                 audience=self.audience,
                 issuer=self.issuer,
                 options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"]},
-                leeway=5,
+                leeway=LEEWAY,
             )
         except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc)) from exc
