@@ -48,6 +48,9 @@ class Settings:
     huey_sqlite_path: str = "./var/huey.db"
     tombstone_retention_days: int = 30
     max_request_bytes: int = 5 * 1024 * 1024
+    #: Requests whose blocking work (database, Redis) runs at once per process, in threads;
+    #: the rest wait their turn on the event loop (see Resources.run_blocking).
+    db_workers: int = 8
     trust_proxy_headers: bool = False
     log_level: str = "INFO"
     insecure_dev_secret: bool = field(default=False, compare=False)
@@ -125,6 +128,10 @@ def load_settings(
     if env == "production" and not encryption_keys:
         raise SettingsError("GALLEY_ENCRYPTION_KEYS must be set when GALLEY_ENV=production")
 
+    db_workers = _int(source, "GALLEY_DB_WORKERS", 8)
+    if db_workers < 1:
+        raise SettingsError(f"GALLEY_DB_WORKERS must be at least 1, got {db_workers}")
+
     return Settings(
         env=env,
         database_url=database_url,
@@ -143,6 +150,7 @@ def load_settings(
         huey_sqlite_path=source.get("GALLEY_HUEY_SQLITE") or "./var/huey.db",
         tombstone_retention_days=_int(source, "GALLEY_TOMBSTONE_RETENTION_DAYS", 30),
         max_request_bytes=_int(source, "GALLEY_MAX_REQUEST_BYTES", 5 * 1024 * 1024),
+        db_workers=db_workers,
         trust_proxy_headers=_bool(source.get("GALLEY_TRUST_PROXY_HEADERS")),
         log_level=(source.get("GALLEY_LOG_LEVEL") or "INFO").upper(),
         insecure_dev_secret=insecure,

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -142,15 +141,16 @@ def _device_refused(*, unregistered: bool) -> ApiError:
     return ApiError(403, "device_forbidden", "This device does not belong to the signed-in user.")
 
 
-async def _run(fn: Callable[[], T]) -> T:
-    return await run_in_threadpool(fn)
+async def _run(request: Request, fn: Callable[[], T]) -> T:
+    resources: Resources = request.app.state.resources
+    return await resources.run_blocking(fn)
 
 
 async def register(request: Request) -> Response:
     """Register a device under the signed-in user (idempotent)."""
     # Who is asking comes first: an anonymous client learns nothing about its message.
     _media_types(request)
-    identity = await _run(lambda: authenticate(request))
+    identity = await _run(request, lambda: authenticate(request))
     message, response_type = await _decode(request, m.RegisterDevice)
     resources: Resources = request.app.state.resources
     device_id = message.device_id.lower()
@@ -174,7 +174,7 @@ async def register(request: Request) -> Response:
         )
 
     try:
-        last = await _run(work)
+        last = await _run(request, work)
     except DeviceOwnedElsewhere:
         raise ApiError(
             409, "device_owned_by_other_user", "This device id belongs to another user."
@@ -215,7 +215,7 @@ async def push_endpoint(request: Request) -> Response:
         return result
 
     try:
-        result = await _run(work)
+        result = await _run(request, work)
     except DeviceRefused as exc:
         raise _device_refused(unregistered=exc.unregistered) from None
     error = None
@@ -235,14 +235,15 @@ async def pull_endpoint(request: Request) -> Response:
     """One page of changes (docs/protocol.md § Pull)."""
     # Who is asking comes first: an anonymous client learns nothing about its message.
     _media_types(request)
-    identity = await _run(lambda: authenticate(request))
+    identity = await _run(request, lambda: authenticate(request))
     message, response_type = await _decode(request, m.PullRequest)
     resources: Resources = request.app.state.resources
     scopes = visible_scopes(identity.role, identity.branch_ids)
     try:
-        # The device check (404/403, as in _device_principal) is made by pull itself, in its
+        # The device check (404/403, as in push step 1) is made by pull itself, in its
         # snapshot: one connection checkout fewer per page.
         page = await _run(
+            request,
             lambda: pull(
                 resources.engine,
                 device_id=message.device_id.lower(),
@@ -253,7 +254,7 @@ async def pull_endpoint(request: Request) -> Response:
                 registry=REGISTRY,
                 raw_msgpack=response_type == MSGPACK,
                 user_id=identity.user_id,
-            )
+            ),
         )
     except DeviceRefused as exc:
         raise _device_refused(unregistered=exc.unregistered) from None
