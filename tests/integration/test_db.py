@@ -21,7 +21,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from sync_server.db import create_db_engine, read_transaction, run_in_transaction
+from sync_server.db import create_db_engine, read_transaction, run_in_transaction, transact
 from sync_server.directory import create_branch
 from sync_server.tables import branches, sync_scopes
 
@@ -206,6 +206,55 @@ def test_a_failed_unit_of_work_leaves_nothing_behind(db: Engine) -> None:
     with db.connect() as conn:
         assert conn.execute(select(branches.c.id).where(branches.c.code == "HALF")).first() is None
         conn.rollback()
+
+
+def test_transact_continues_the_reads_open_on_a_held_connection_and_commits(db: Engine) -> None:
+    # A push request authenticates and applies its change-sets on one connection: the reads
+    # of authentication are part of the first transaction, each change-set commits on its own.
+    _add_counters(db, "held")
+    with db.connect() as conn:
+        assert _counter_on(conn, "held") == 0  # a read: a transaction is now open
+        transact(conn, lambda c: _bump(c, "held"))
+        transact(conn, lambda c: _bump(c, "held"))
+        assert not conn.in_transaction()
+    assert _counter(db, "held") == 2
+
+
+def test_a_failed_unit_of_work_on_a_held_connection_leaves_it_usable(db: Engine) -> None:
+    _add_counters(db, "usable")
+    with db.connect() as conn:
+
+        def half(c: Connection) -> None:
+            _bump(c, "usable")
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError):
+            transact(conn, half)
+        assert not conn.in_transaction()
+        transact(conn, lambda c: _bump(c, "usable"))
+    assert _counter(db, "usable") == 1
+
+
+def test_a_connection_returned_with_its_transaction_open_leaks_nothing_into_the_pool(
+    db: Engine,
+) -> None:
+    # The pool does not reset connections itself (pool_reset_on_return=None, to save a
+    # ROLLBACK per request): closing the Connection must roll its open transaction back.
+    _add_counters(db, "leak")
+    conn = db.connect()
+    _bump(conn, "leak")
+    conn.close()
+    assert _counter(db, "leak") == 0
+    for _ in range(3):  # whichever pooled connection comes next holds no lock nor change
+        with db.connect() as other:
+            transact(other, lambda c: _bump(c, "leak"))
+    assert _counter(db, "leak") == 3
+
+
+def _counter_on(conn: Connection, name: str) -> int:
+    return int(
+        conn.execute(select(sync_scopes.c.version).where(sync_scopes.c.scope == name)).scalar_one()
+    )
 
 
 # --- MariaDB: isolation and character set -------------------------------------------------------

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from domain import fields as f
@@ -16,6 +17,7 @@ from domain.ops import Principal
 from domain.registry import EntitySpec, IntentSpec, Registry
 from domain.roles import Role
 from sync_server.push import push as engine_push
+from sync_server.tables import inventory_items
 from tests.factories import Factory, User
 from tests.syncing import (
     MSGPACK,
@@ -451,6 +453,74 @@ def test_a_duplicate_sku_in_the_branch_becomes_a_conflict(
     assert outcome["status"] == "applied_with_conflicts"
     assert conflict_rows(db)[outcome["conflicts"][0]].kind == "unique_violation"
     assert ("inventory_items", dup) not in server_rows(db)
+
+
+def inventory_records(engine: Engine) -> dict[str, Any]:
+    """id -> row of the system-of-record table ``inventory_items``."""
+    with engine.connect() as conn:
+        return {r.id: r for r in conn.execute(select(inventory_items))}
+
+
+def test_one_change_set_renaming_many_items_rewrites_each_record_and_nothing_else(
+    client: Any, db: Engine, kitchen: Kitchen
+) -> None:
+    # Rewrites that move no unique value go to the table as one statement (RecordWriter):
+    # each row must still get its own values, and the columns nobody changed keep theirs.
+    ids = [new_id() for _ in range(3)]
+    created = push(
+        client,
+        kitchen.manager,
+        *[
+            create("inventory_items", i, **item(sku=f"R-{n}", name=f"Item {n}"))
+            for n, i in enumerate(ids)
+        ],
+    )
+    base = created["versions"][f"branch:{kitchen.branch}"]
+
+    renamed = push(
+        client,
+        kitchen.manager,
+        *[patch("inventory_items", i, base, name=f"Renamed {n}") for n, i in enumerate(ids)],
+        patch("inventory_items", ids[0], base, supplier="Acme"),
+    )
+
+    version = renamed["versions"][f"branch:{kitchen.branch}"]
+    records = inventory_records(db)
+    log = server_rows(db)
+    for n, i in enumerate(ids):
+        assert (records[i].name, records[i].sku, records[i].version) == (
+            f"Renamed {n}",
+            f"R-{n}",
+            version,
+        )
+        assert log[("inventory_items", i)]["data"]["name"] == records[i].name
+    assert [records[i].supplier for i in ids] == ["Acme", None, None]
+
+
+def test_a_sku_freed_and_taken_in_one_change_set_reaches_the_unique_index_in_order(
+    client: Any, db: Engine, kitchen: Kitchen
+) -> None:
+    # Rewrites that move a unique value keep their place: the rename must reach the table
+    # before the create that takes the freed SKU.
+    old = new_id()
+    created = push(client, kitchen.manager, create("inventory_items", old, **item(sku="OLD-1")))
+    base = created["versions"][f"branch:{kitchen.branch}"]
+    taker = new_id()
+
+    outcome = push(
+        client,
+        kitchen.manager,
+        patch("inventory_items", old, base, sku="NEW-1", name="Renamed"),
+        create("inventory_items", taker, **item(sku="OLD-1")),
+    )
+
+    assert outcome["status"] == "applied", outcome
+    records = inventory_records(db)
+    assert (records[old].sku, records[old].name, records[taker].sku) == (
+        "NEW-1",
+        "Renamed",
+        "OLD-1",
+    )
 
 
 def test_ids_spelt_in_upper_case_name_the_same_rows_and_branches(

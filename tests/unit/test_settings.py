@@ -56,3 +56,11 @@ def test_a_malformed_number_is_a_clear_error() -> None:
 def test_unknown_environment_is_refused() -> None:
     with pytest.raises(SettingsError, match="GALLEY_ENV"):
         load_settings({"GALLEY_ENV": "staging"}, env_file=None)
+
+
+def test_the_number_of_database_workers_is_configurable_and_at_least_one() -> None:
+    assert load_settings({"GALLEY_SECRET_KEY": "k" * 40}, env_file=None).db_workers == 8
+    settings = load_settings({"GALLEY_SECRET_KEY": "k" * 40, "GALLEY_DB_WORKERS": "3"}, None)
+    assert settings.db_workers == 3
+    with pytest.raises(SettingsError, match="GALLEY_DB_WORKERS"):
+        load_settings({"GALLEY_SECRET_KEY": "k" * 40, "GALLEY_DB_WORKERS": "0"}, env_file=None)
