@@ -118,11 +118,16 @@ def is_retryable(exc: BaseException) -> bool:
 @contextmanager
 def read_transaction(engine: Engine, *, snapshot: bool = True) -> Iterator[Connection]:
     """A read-only transaction. With ``snapshot`` every statement sees the same committed state
-    (REPEATABLE READ on InnoDB; a deferred transaction on SQLite, whose reads are snapshots)."""
-    options: dict[str, Any] = {}
-    if snapshot and engine.dialect.name != "sqlite":
-        options["isolation_level"] = "REPEATABLE READ"
-    with engine.connect().execution_options(**options) as conn, conn.begin():
+    (REPEATABLE READ on InnoDB; a deferred transaction on SQLite, whose reads are snapshots).
+
+    On InnoDB the level is set for this one transaction (``SET TRANSACTION``, one round trip;
+    the next transaction is back at the session's READ COMMITTED by itself) rather than for the
+    session and back again (four). The transaction is rolled back at the end: nothing to keep.
+    """
+    with engine.connect() as conn:
+        if snapshot and engine.dialect.name != "sqlite":
+            # Allowed only between transactions: a pooled connection has none open.
+            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         yield conn
 
 

@@ -21,7 +21,7 @@ from domain.roles import Role
 from sync_protocol import messages as m
 from sync_protocol.checksums import MOD
 
-from .db import read_transaction, run_in_transaction
+from .db import read_transaction, transact
 from .directory import DeviceRefused, utcnow
 from .tables import devices, sync_rows, sync_scopes
 
@@ -87,7 +87,7 @@ def _must_reset(cursor: int, head: Any, seen: tuple[int, int] | None) -> bool:
 
 
 def _remember_horizons(
-    engine: Engine,
+    conn: Connection,
     device_id: str,
     seen: dict[str, tuple[int, int]],
     horizons: dict[str, int],
@@ -121,11 +121,8 @@ def _remember_horizons(
         values["seen_horizons"] = _encode({scope: list(pair) for scope, pair in now.items()})
     if not values:
         return
-    run_in_transaction(
-        engine,
-        lambda conn: conn.execute(
-            update(devices).where(devices.c.id == device_id).values(**values)
-        ),
+    transact(
+        conn, lambda c: c.execute(update(devices).where(devices.c.id == device_id).values(**values))
     )
 
 
@@ -234,7 +231,7 @@ def visible_scopes(role: Role, branch_ids: frozenset[str]) -> list[str]:
 
 
 def pull(
-    engine: Engine,
+    db: Engine | Connection,
     *,
     device_id: str,
     role: Role,
@@ -252,106 +249,125 @@ def pull(
     With ``user_id`` the device is first checked to be that user's and not revoked (in the
     same snapshot and connection as the page, saving the request a checkout), else
     :class:`DeviceRefused`.
+
+    Given a connection, it must be in a :func:`~sync_server.db.read_transaction`: the page is
+    read from that snapshot (the caller may have read there before: authentication), which
+    pull then ends; what the device's row must remember is written in a transaction of its
+    own on the same connection.
     """
+    if isinstance(db, Engine):
+        with read_transaction(db) as conn:
+            return pull(
+                conn,
+                device_id=device_id,
+                role=role,
+                scopes=scopes,
+                cursors=cursors,
+                limit=limit,
+                registry=registry,
+                raw_msgpack=raw_msgpack,
+                user_id=user_id,
+            )
+    conn = db
     changes: list[RowOut] = []
     out_cursors: dict[str, int] = {}
     finished: list[m.ScopeState] = []
     has_more = False
     page_sum = 0
-    with read_transaction(engine) as conn:
-        # Step 1: the write checkpoint and the scope heads, from the same snapshot as the rows.
-        device = conn.execute(
-            select(
-                devices.c.last_applied_seq,
-                devices.c.seen_horizons,
-                devices.c.pull_cursors,
-                devices.c.pulled_role,
-                devices.c.user_id,
-                devices.c.revoked_at,
-            ).where(devices.c.id == device_id)
-        ).first()
-        if device is None:
-            raise DeviceRefused(unregistered=True)
-        if user_id is not None and (device.user_id != user_id or device.revoked_at is not None):
-            raise DeviceRefused(unregistered=False)
-        last_seq = device.last_applied_seq
-        seen = _seen_horizons(device.seen_horizons)
-        stored_cursors: bytes | None = device.pull_cursors
-        heads = {
-            r.scope: r
-            for r in conn.execute(select(sync_scopes).where(sync_scopes.c.scope.in_(list(scopes))))
-        }
-        # Step 2: a cursor above the head (a replica of another database) cannot be continued,
-        # nor one below the compaction horizon whose tombstones the device may need.
-        stale = [
-            scope
-            for scope in scopes
-            if _must_reset(cursors.get(scope, 0), heads.get(scope), seen.get(scope))
-        ]
-        # A role change changes which fields the replica may hold (a manager demoted to staff
-        # must lose the contact data of the staff directory; a promoted one must gain it): what
-        # the device holds was filtered for its old role, so every scope it holds is rebuilt.
-        if device.pulled_role is not None and device.pulled_role != role.value:
-            stale = sorted(set(stale) | {s for s in scopes if cursors.get(s, 0) > 0})
-        if stale:
-            raise ResetRequired(stale)
-        horizons = {scope: (h.horizon if (h := heads.get(scope)) else 0) for scope in scopes}
+    # Step 1: the write checkpoint and the scope heads, from the same snapshot as the rows.
+    device = conn.execute(
+        select(
+            devices.c.last_applied_seq,
+            devices.c.seen_horizons,
+            devices.c.pull_cursors,
+            devices.c.pulled_role,
+            devices.c.user_id,
+            devices.c.revoked_at,
+        ).where(devices.c.id == device_id)
+    ).first()
+    if device is None:
+        raise DeviceRefused(unregistered=True)
+    if user_id is not None and (device.user_id != user_id or device.revoked_at is not None):
+        raise DeviceRefused(unregistered=False)
+    last_seq = device.last_applied_seq
+    seen = _seen_horizons(device.seen_horizons)
+    stored_cursors: bytes | None = device.pull_cursors
+    heads = {
+        r.scope: r
+        for r in conn.execute(select(sync_scopes).where(sync_scopes.c.scope.in_(list(scopes))))
+    }
+    # Step 2: a cursor above the head (a replica of another database) cannot be continued,
+    # nor one below the compaction horizon whose tombstones the device may need.
+    stale = [
+        scope
+        for scope in scopes
+        if _must_reset(cursors.get(scope, 0), heads.get(scope), seen.get(scope))
+    ]
+    # A role change changes which fields the replica may hold (a manager demoted to staff
+    # must lose the contact data of the staff directory; a promoted one must gain it): what
+    # the device holds was filtered for its old role, so every scope it holds is rebuilt.
+    if device.pulled_role is not None and device.pulled_role != role.value:
+        stale = sorted(set(stale) | {s for s in scopes if cursors.get(s, 0) > 0})
+    if stale:
+        raise ResetRequired(stale)
+    horizons = {scope: (h.horizon if (h := heads.get(scope)) else 0) for scope in scopes}
 
-        after_sql, single_sql = _page_statements(conn)
-        plans: dict[str, _EntityPlan] = {}
-        remaining = limit
-        for scope in scopes:
-            cursor = cursors.get(scope, 0)
-            head = heads.get(scope)
-            if head is None:
-                out_cursors[scope] = 0
-                finished.append(m.ScopeState(scope, 0, 0, 0))
-                continue
+    after_sql, single_sql = _page_statements(conn)
+    plans: dict[str, _EntityPlan] = {}
+    remaining = limit
+    for scope in scopes:
+        cursor = cursors.get(scope, 0)
+        head = heads.get(scope)
+        if head is None:
+            out_cursors[scope] = 0
+            finished.append(m.ScopeState(scope, 0, 0, 0))
+            continue
+        if has_more:
+            out_cursors[scope] = cursor
+            continue
+        # Step 3: the next rows in version order, one more than fits, to see the boundary.
+        rows = _fetch(conn, after_sql, (scope, cursor, remaining + 1))
+        cut = len(rows) > remaining
+        if cut:
+            # Step 4: never split a version (one transaction's writes) across pages.
+            page = rows[:remaining]
+            boundary = rows[remaining][_VERSION]
+            if page and page[-1][_VERSION] == boundary:
+                page = [r for r in page if r[_VERSION] != boundary]
+                # A version larger than the whole limit is sent alone, in one page of its
+                # own; when earlier scopes already filled part of this page, it waits.
+                if not page and not changes:
+                    page = _fetch(conn, single_sql, (scope, boundary))
+            rows = page
+        if not cut or (rows and rows[-1][_VERSION] == head.version):
+            # Everything up to the head fits (or the oversized version was the last one).
+            out_cursors[scope] = head.version
+            finished.append(m.ScopeState(scope, head.version, head.row_count, head.checksum))
+        else:
+            has_more = True
+            out_cursors[scope] = rows[-1][_VERSION] if rows else cursor
+        remaining -= len(rows)
+        # Step 5: role filtering and checksums.
+        scope_sum = page_changes(
+            rows,
+            scope,
+            role=role,
+            registry=registry,
+            raw_msgpack=raw_msgpack,
+            plans=plans,
+            out=changes,
+        )
+        page_sum = (page_sum + scope_sum) % MOD
+        if remaining <= 0 and not has_more:
+            # The page is full exactly at the end of this scope; later scopes go next time.
+            has_more = scope != scopes[-1]
             if has_more:
-                out_cursors[scope] = cursor
-                continue
-            # Step 3: the next rows in version order, one more than fits, to see the boundary.
-            rows = _fetch(conn, after_sql, (scope, cursor, remaining + 1))
-            cut = len(rows) > remaining
-            if cut:
-                # Step 4: never split a version (one transaction's writes) across pages.
-                page = rows[:remaining]
-                boundary = rows[remaining][_VERSION]
-                if page and page[-1][_VERSION] == boundary:
-                    page = [r for r in page if r[_VERSION] != boundary]
-                    # A version larger than the whole limit is sent alone, in one page of its
-                    # own; when earlier scopes already filled part of this page, it waits.
-                    if not page and not changes:
-                        page = _fetch(conn, single_sql, (scope, boundary))
-                rows = page
-            if not cut or (rows and rows[-1][_VERSION] == head.version):
-                # Everything up to the head fits (or the oversized version was the last one).
-                out_cursors[scope] = head.version
-                finished.append(m.ScopeState(scope, head.version, head.row_count, head.checksum))
-            else:
-                has_more = True
-                out_cursors[scope] = rows[-1][_VERSION] if rows else cursor
-            remaining -= len(rows)
-            # Step 5: role filtering and checksums.
-            scope_sum = page_changes(
-                rows,
-                scope,
-                role=role,
-                registry=registry,
-                raw_msgpack=raw_msgpack,
-                plans=plans,
-                out=changes,
-            )
-            page_sum = (page_sum + scope_sum) % MOD
-            if remaining <= 0 and not has_more:
-                # The page is full exactly at the end of this scope; later scopes go next time.
-                has_more = scope != scopes[-1]
-                if has_more:
-                    remaining = 0
+                remaining = 0
     for scope in scopes:
         out_cursors.setdefault(scope, cursors.get(scope, 0))
+    conn.rollback()  # the snapshot ends here; what follows writes, at READ COMMITTED
     _remember_horizons(
-        engine,
+        conn,
         device_id,
         seen,
         horizons,

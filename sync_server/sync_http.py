@@ -20,10 +20,10 @@ from sync_protocol import messages as m
 from sync_protocol.codec import JSON, MSGPACK
 
 from .authn import authenticate, load_identity, verified_claims
-from .db import run_in_transaction
+from .db import read_transaction, run_in_transaction
 from .directory import DeviceOwnedElsewhere, DeviceRefused, register_device
 from .errors import ApiError
-from .pull import ResetRequired, pull, visible_scopes
+from .pull import PullOut, ResetRequired, pull, visible_scopes
 from .push import PushResult, push
 from .resources import Resources
 
@@ -235,27 +235,29 @@ async def pull_endpoint(request: Request) -> Response:
     """One page of changes (docs/protocol.md § Pull)."""
     # Who is asking comes first: an anonymous client learns nothing about its message.
     _media_types(request)
-    identity = await _run(request, lambda: authenticate(request))
+    claims = verified_claims(request)
     message, response_type = await _decode(request, m.PullRequest)
     resources: Resources = request.app.state.resources
-    scopes = visible_scopes(identity.role, identity.branch_ids)
-    try:
-        # The device check (404/403, as in push step 1) is made by pull itself, in its
-        # snapshot: one connection checkout fewer per page.
-        page = await _run(
-            request,
-            lambda: pull(
-                resources.engine,
+
+    def work() -> PullOut:
+        # One connection, one snapshot, one thread hop: the user's current state, the device
+        # check (404/403, as in push step 1) and the page are all read in the same snapshot.
+        with read_transaction(resources.engine) as conn:
+            identity = load_identity(conn, claims)
+            return pull(
+                conn,
                 device_id=message.device_id.lower(),
                 role=identity.role,
-                scopes=scopes,
+                scopes=visible_scopes(identity.role, identity.branch_ids),
                 cursors=dict(message.cursors),
                 limit=message.limit,
                 registry=REGISTRY,
                 raw_msgpack=response_type == MSGPACK,
                 user_id=identity.user_id,
-            ),
-        )
+            )
+
+    try:
+        page = await _run(request, work)
     except DeviceRefused as exc:
         raise _device_refused(unregistered=exc.unregistered) from None
     except ResetRequired as exc:

@@ -27,7 +27,16 @@ from sync_server.tables import sync_change_sets
 from .anatomy import push_and_pull_anatomy
 from .dataset import Member, World, build_world, create_floor_tables, seed_inventory, token_for
 from .floor import Throughput, idle_pull_floor, initial_sync_floor, locked_counter_floor
-from .workload import InitialSync, PushRun, ServerProcess, idle_pulls, initial_sync, push_run
+from .workload import (
+    InitialSync,
+    PushRun,
+    ServerProcess,
+    database_server_pid,
+    idle_pulls,
+    initial_sync,
+    process_cpu_seconds,
+    push_run,
+)
 
 DEFAULT_URL = "mysql+pymysql://root@127.0.0.1:3306/galley_bench"
 INITIAL_SYNC_TARGET = 0.50
@@ -67,6 +76,40 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="run the server under py-spy: a flame graph (.svg) or collapsed stacks (other)",
     )
     return parser.parse_args(argv)
+
+
+class _CpuMeter:
+    """CPU seconds spent from now on by the benchmark process itself (the devices, or the
+    floor's client threads), the database server and, when given, Galley's server: what a unit
+    of work costs the whole machine, which the throughputs of a shared VM hide."""
+
+    def __init__(self, db_pid: int | None, server: ServerProcess | None = None) -> None:
+        self.db_pid = db_pid
+        self.server = server
+        self.start = self._now()
+
+    def _now(self) -> dict[str, float | None]:
+        return {
+            "server": self.server.cpu_seconds() if self.server is not None else None,
+            "client": time.process_time(),
+            "database": process_cpu_seconds(self.db_pid) if self.db_pid is not None else None,
+        }
+
+    def per(self, count: int) -> dict[str, float]:
+        """Milliseconds of CPU per unit of work, per process (those that could be measured)."""
+        end = self._now()
+        out: dict[str, float] = {}
+        for part, before in self.start.items():
+            after = end[part]
+            if before is not None and after is not None and count:
+                out[part] = (after - before) / count * 1000
+        return out
+
+
+def _cost(parts: dict[str, float]) -> str:
+    return " + ".join(f"{part} {ms:.2f}" for part, ms in parts.items()) + (
+        f" = {sum(parts.values()):.2f}" if len(parts) > 1 else ""
+    )
 
 
 @dataclass
@@ -136,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     syncs: dict[int, InitialSync] = {}
     #: Server CPU seconds per measured phase (what a core of the server process costs).
     server_cpu: dict[str, float] = {}
+    #: Machine CPU (ms) per change-set of each push layout, and per transaction of its floor.
+    costs: dict[str, dict[str, float]] = {}
+    db_pid = database_server_pid()
     with ServerProcess(database_url, redis_url, args.profile, args.server_workers) as server:
         for limit in (m.MAX_PULL_LIMIT, m.DEFAULT_PULL_LIMIT):
             for _ in range(args.repeats):
@@ -165,15 +211,18 @@ def main(argv: list[str] | None = None) -> int:
         for counters, (name, (branch_count, _per_branch, batch)) in enumerate(layouts.items()):
             say(f"floor: locked-counter transactions, 16 threads on {branch_count} counter(s)")
             create_floor_tables(database_url, branch_count, suffix=str(counters))
+            floor_cpu = _CpuMeter(db_pid)
             floor = locked_counter_floor(
                 database_url, 16, branch_count, args.floor_seconds, suffix=str(counters)
             )
+            costs[f"floor:{name}"] = floor_cpu.per(floor.count)
             devices = [
                 (device_id, token_for(world.resources, member), member.branch_id)
                 for member in world.pushers[name]
                 for device_id in member.device_ids
             ]
             say(f"push: {len(devices)} devices on {branch_count} branch(es), {name}")
+            push_cpu = _CpuMeter(db_pid, server)
             cpu_before = server.cpu_seconds()
             pushes[name] = (
                 push_run(
@@ -188,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_after = server.cpu_seconds()
             if cpu_before is not None and cpu_after is not None:
                 server_cpu[name] = cpu_after - cpu_before
+            costs[name] = push_cpu.per(pushes[name][0].change_sets.count)
             _check_recorded(world, [d for d, _, _ in devices], pushes[name][0])
 
     say("statement counts of one push and one pull (in-process)")
@@ -248,6 +298,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"{cpu / push.change_sets.count * 1000:.1f}, "
                     f"{cpu / push.change_sets.seconds:.0%}, "
                     f"{push.client_cpu / push.change_sets.seconds:.0%}",
+                )
+            )
+        if costs.get(name) and costs.get(f"floor:{name}"):
+            mine, theirs = costs[name], costs[f"floor:{name}"]
+            lines.append(
+                Line(
+                    f"push machine CPU ms per change-set ({where}): {_cost(mine)};"
+                    f" floor per transaction: {_cost(theirs)}",
+                    f"{sum(mine.values()):.2f}",
+                    f"{sum(theirs.values()):.2f}",
+                    f"{sum(theirs.values()) / sum(mine.values()):.0%}",
                 )
             )
         lines.append(

@@ -130,12 +130,31 @@ class ServerProcess:
         processes (their time is not the parent's)."""
         if self.process is None or self.profile_to or self.workers > 1:
             return None
+        return process_cpu_seconds(self.process.pid)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) process ``pid`` has used so far; None without /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # Fields 14 and 15 of proc(5) (utime, stime), counted after the ")" of the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def database_server_pid() -> int | None:
+    """The local MariaDB/MySQL server process, when it runs on this machine (its CPU time is
+    part of what a push costs the machine); None otherwise."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if (entry / "comm").read_text().strip() in ("mariadbd", "mysqld"):
+                return int(entry.name)
         except OSError:
-            return None
-        # Fields 14 and 15 of proc(5) (utime, stime), counted after the ")" of the name.
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            continue
+    return None
 
 
 def _free_port() -> int:

@@ -6,7 +6,8 @@ lock order); SQLite writers are hammered from threads. What is promised:
 * a unit of work that loses a deadlock is run again and succeeds;
 * a lock that is never released ends in the original error after the bounded attempts;
 * SQLite writers queue (``BEGIN IMMEDIATE``) instead of failing with "database is locked";
-* MySQL sessions run READ COMMITTED, snapshot reads REPEATABLE READ, text is utf8mb4.
+* MySQL sessions run READ COMMITTED, snapshot reads REPEATABLE READ (that transaction only),
+  text is utf8mb4.
 """
 
 from __future__ import annotations
@@ -274,12 +275,19 @@ def test_mysql_connections_run_read_committed_and_snapshots_repeatable_read(
             else None
         ),
     )
+    # A read transaction is a snapshot: a change committed meanwhile is not seen in it...
+    _add_counters(mysql_engine, "snap")
     with read_transaction(mysql_engine) as conn:
-        assert conn.get_isolation_level() == "REPEATABLE READ"
-    # The snapshot's isolation does not leak into the pooled connection.
-    with mysql_engine.connect() as conn:
-        assert conn.get_isolation_level() == "READ COMMITTED"
+        assert _counter_on(conn, "snap") == 0
+        run_in_transaction(mysql_engine, lambda c: _bump(c, "snap"))
+        assert _counter_on(conn, "snap") == 0
+        # ...and its level was set for that transaction alone: the next one on the same
+        # connection reads committed data again.
         conn.rollback()
+        assert conn.get_isolation_level() == "READ COMMITTED"
+        assert _counter_on(conn, "snap") == 1
+        run_in_transaction(mysql_engine, lambda c: _bump(c, "snap"))
+        assert _counter_on(conn, "snap") == 2
 
 
 def test_mysql_connections_speak_utf8mb4(mysql_engine: Engine) -> None:
