@@ -5,8 +5,9 @@
 * Push: "locked-counter transactions" from the same number of threads on the same number of
   counters as the push run: ``BEGIN; SELECT … FOR UPDATE`` the counter; ``UPDATE`` it; ``INSERT``
   one row; ``COMMIT``. That is the least any gap-free versioned write can cost.
-* Pull with nothing new: the statements one such pull runs (identity, session revocation, device,
-  write checkpoint, scope heads, one range probe per scope) on one connection, no HTTP.
+* Pull with nothing new: the statements one such pull runs (snapshot level, identity with its
+  session check and branches, device with the write checkpoint, scope heads, one range probe per
+  scope, rollback) on one connection, no HTTP.
 """
 
 from __future__ import annotations
@@ -137,30 +138,24 @@ def idle_pull_floor(
     marks = ", ".join(["%s"] * len(scopes))
     samples: list[float] = []
     try:
-        with conn.cursor() as cur:
-            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         for _ in range(requests):
             started = time.perf_counter()
             with conn.cursor() as cur:
-                cur.execute("BEGIN")
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 cur.execute(
-                    "SELECT id, role, display_name, is_active, token_epoch FROM users WHERE id=%s",
-                    (user_id,),
+                    "SELECT u.id, u.role, u.display_name, u.is_active, u.token_epoch,"
+                    " EXISTS (SELECT r.id FROM refresh_tokens r WHERE r.access_jti=%s"
+                    " AND r.revoked_at IS NOT NULL), ub.branch_id"
+                    " FROM users u LEFT JOIN user_branches ub ON ub.user_id = u.id"
+                    " WHERE u.id=%s",
+                    ("bench-token-id", user_id),
                 )
                 cur.fetchall()
                 cur.execute(
-                    "SELECT id FROM refresh_tokens WHERE access_jti=%s"
-                    " AND revoked_at IS NOT NULL LIMIT 1",
-                    ("bench-token-id",),
+                    "SELECT last_applied_seq, seen_horizons, pull_cursors, pulled_role, user_id,"
+                    " revoked_at FROM devices WHERE id=%s",
+                    (device_id,),
                 )
-                cur.fetchall()
-                cur.execute("SELECT branch_id FROM user_branches WHERE user_id=%s", (user_id,))
-                cur.fetchall()
-                cur.execute(
-                    "SELECT user_id, branch_id, revoked_at FROM devices WHERE id=%s", (device_id,)
-                )
-                cur.fetchall()
-                cur.execute("SELECT last_applied_seq FROM devices WHERE id=%s", (device_id,))
                 cur.fetchall()
                 cur.execute(f"SELECT * FROM sync_scopes WHERE scope IN ({marks})", scopes)
                 cur.fetchall()
@@ -171,7 +166,7 @@ def idle_pull_floor(
                         (scope, cursor),
                     )
                     cur.fetchall()
-                conn.commit()
+                conn.rollback()
             samples.append((time.perf_counter() - started) * 1000)
     finally:
         conn.close()
