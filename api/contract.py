@@ -19,7 +19,6 @@ import base64
 import binascii
 import json
 import re
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,7 +38,7 @@ from sync_server.authn import AUTHENTICATED, PUBLIC, Identity, authenticate, dec
 from sync_server.db import run_in_transaction
 from sync_server.directory import utcnow
 from sync_server.errors import ApiError
-from sync_server.ratelimit import RateLimiter
+from sync_server.ratelimit import RateLimiter, limiter_for
 from sync_server.resources import Resources
 
 from . import idempotency
@@ -170,18 +169,9 @@ class _OperationRoute(Route):
 # --- helpers used by handlers ----------------------------------------------------------------
 
 
-_limiter_lock = threading.Lock()
-
-
 def rate_limiter(resources: Resources) -> RateLimiter:
     """The process's limiter for ``resources`` (Redis-backed when REDIS_URL is configured)."""
-    with _limiter_lock:
-        limiter = resources.extras.get("ratelimiter")
-        if limiter is None:
-            limiter = RateLimiter(resources.settings.redis_url)
-            resources.extras["ratelimiter"] = limiter
-    assert isinstance(limiter, RateLimiter)
-    return limiter
+    return limiter_for(resources)
 
 
 def now_for(resources: Resources) -> datetime:

@@ -4,6 +4,9 @@ Counters live in Redis when ``REDIS_URL`` is configured, so every server process
 process memory otherwise (the single-process embedded mode). The moving-window strategy counts
 exactly the hits of the last window, so ``Retry-After`` is the time until the oldest one ages out.
 
+Sync requests (``/sync/v1``) are throttled per user with a fixed window instead: one counter
+increment per request (moving windows keep every hit), on the hottest endpoints of the server.
+
 A lockout is a limit on *failures* per account: once ``lockout`` failed attempts fall inside the
 window, further attempts are refused until the window moves on, even with the right password.
 """
@@ -11,14 +14,16 @@ window, further attempts are refused until the window moves on, even with the ri
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
 from limits.storage import Storage, storage_from_string
-from limits.strategies import MovingWindowRateLimiter
+from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
 from .errors import ApiError
+from .resources import Resources
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,9 @@ class RatePolicy:
     biometric_per_account: str = "10/minute"
     #: Failed password or biometric attempts per account before a temporary lockout.
     lockout: str = "5/15 minutes"
+    #: /sync/v1 requests per user (all endpoints and devices together); None: unlimited.
+    #: Initial sync at the default page size is ~100 requests for 100,000 rows.
+    sync_per_user: str | None = "1200/minute"
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class RateLimiter:
         assert isinstance(storage, Storage)  # the synchronous flavour, for the thread pool
         self.storage = storage
         self._limiter = MovingWindowRateLimiter(self.storage)
+        self._fixed = FixedWindowRateLimiter(self.storage)
         self.policy = policy or RatePolicy()
 
     def _retry_after(self, item: RateLimitItem, *keys: str) -> int:
@@ -82,6 +91,37 @@ class RateLimiter:
         decision = self.hit(rule, *keys)
         if not decision.allowed:
             raise too_many(decision.retry_after)
+
+    def throttle(self, rule: str | None, *keys: str) -> None:
+        """Count one request against a fixed-window ``rule`` (None: unlimited) and raise a 429
+        with ``Retry-After`` when the window's allowance is spent."""
+        if rule is None:
+            return
+        item = parse(rule)
+        if not self._fixed.hit(item, *keys):
+            stats = self._fixed.get_window_stats(item, *keys)
+            retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+            raise too_many(
+                retry_after, message=f"Too many requests; try again in {retry_after} seconds."
+            )
+
+
+_lock = threading.Lock()
+
+
+def limiter_for(resources: Resources) -> RateLimiter:
+    """The process's limiter for ``resources``, built on first use (Redis-backed when
+    ``REDIS_URL`` is configured, so every process shares the counters)."""
+    with _lock:
+        limiter = resources.extras.get("ratelimiter")
+        if limiter is None:
+            settings = resources.settings
+            limiter = RateLimiter(
+                settings.redis_url, RatePolicy(sync_per_user=settings.sync_rate_limit)
+            )
+            resources.extras["ratelimiter"] = limiter
+    assert isinstance(limiter, RateLimiter)
+    return limiter
 
 
 def too_many(retry_after: int, code: str = "rate_limited", message: str | None = None) -> ApiError:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotenv import dotenv_values
+from limits import parse
 
 log = logging.getLogger("galley.settings")
 
@@ -51,6 +52,8 @@ class Settings:
     #: Requests whose blocking work (database, Redis) runs at once per process, in threads;
     #: the rest wait their turn on the event loop (see Resources.run_blocking).
     db_workers: int = 8
+    #: Requests to /sync/v1 per user (``limits`` notation); None: unlimited.
+    sync_rate_limit: str | None = "1200/minute"
     trust_proxy_headers: bool = False
     log_level: str = "INFO"
     insecure_dev_secret: bool = field(default=False, compare=False)
@@ -78,6 +81,20 @@ def _int(source: Mapping[str, str | None], name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _rate(source: Mapping[str, str | None], name: str, default: str) -> str | None:
+    """A rate in ``limits`` notation ("1200/minute", "20 per second"); "off" for none."""
+    raw = (source.get(name) or default).strip()
+    if raw.lower() in ("off", "none", "0"):
+        return None
+    try:
+        parse(raw)
+    except ValueError as exc:
+        raise SettingsError(
+            f"{name} must be a rate such as '1200/minute' or 'off', got {raw!r}"
+        ) from exc
+    return raw
 
 
 def _dev_secret(var_dir: Path) -> str:
@@ -128,6 +145,7 @@ def load_settings(
     if env == "production" and not encryption_keys:
         raise SettingsError("GALLEY_ENCRYPTION_KEYS must be set when GALLEY_ENV=production")
 
+    sync_rate_limit = _rate(source, "GALLEY_SYNC_RATE_LIMIT", "1200/minute")
     db_workers = _int(source, "GALLEY_DB_WORKERS", 8)
     if db_workers < 1:
         raise SettingsError(f"GALLEY_DB_WORKERS must be at least 1, got {db_workers}")
@@ -151,6 +169,7 @@ def load_settings(
         tombstone_retention_days=_int(source, "GALLEY_TOMBSTONE_RETENTION_DAYS", 30),
         max_request_bytes=_int(source, "GALLEY_MAX_REQUEST_BYTES", 5 * 1024 * 1024),
         db_workers=db_workers,
+        sync_rate_limit=sync_rate_limit,
         trust_proxy_headers=_bool(source.get("GALLEY_TRUST_PROXY_HEADERS")),
         log_level=(source.get("GALLEY_LOG_LEVEL") or "INFO").upper(),
         insecure_dev_secret=insecure,

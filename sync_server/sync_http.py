@@ -19,12 +19,13 @@ from domain.ops import Principal
 from sync_protocol import messages as m
 from sync_protocol.codec import JSON, MSGPACK
 
-from .authn import authenticate, load_identity, verified_claims
+from .authn import Identity, authenticate, load_identity, verified_claims
 from .db import read_transaction, run_in_transaction
 from .directory import DeviceOwnedElsewhere, DeviceRefused, register_device
 from .errors import ApiError
 from .pull import PullOut, ResetRequired, pull, visible_scopes
 from .push import PushResult, push
+from .ratelimit import limiter_for
 from .resources import Resources
 
 T = TypeVar("T")
@@ -146,11 +147,24 @@ async def _run(request: Request, fn: Callable[[], T]) -> T:
     return await resources.run_blocking(fn)
 
 
+def _throttle(resources: Resources, user_id: str) -> None:
+    """Count one /sync/v1 request of ``user_id`` (429 past ``GALLEY_SYNC_RATE_LIMIT``). Called
+    in the worker thread: with Redis it is a network call."""
+    limiter = limiter_for(resources)
+    limiter.throttle(limiter.policy.sync_per_user, "sync", user_id)
+
+
 async def register(request: Request) -> Response:
     """Register a device under the signed-in user (idempotent)."""
     # Who is asking comes first: an anonymous client learns nothing about its message.
     _media_types(request)
-    identity = await _run(request, lambda: authenticate(request))
+    claims = verified_claims(request)
+
+    def who() -> Identity:
+        _throttle(request.app.state.resources, claims.user_id)
+        return authenticate(request)
+
+    identity = await _run(request, who)
     message, response_type = await _decode(request, m.RegisterDevice)
     resources: Resources = request.app.state.resources
     device_id = message.device_id.lower()
@@ -200,6 +214,7 @@ async def push_endpoint(request: Request) -> Response:
     def work() -> PushResult:
         # One connection, one thread hop: the user's current state is read in the first
         # change-set's transaction, the device is checked under its row lock (push step 1).
+        _throttle(resources, claims.user_id)
         with resources.engine.connect() as conn:
             identity = load_identity(conn, claims)
             result = push(
@@ -242,6 +257,7 @@ async def pull_endpoint(request: Request) -> Response:
     def work() -> PullOut:
         # One connection, one snapshot, one thread hop: the user's current state, the device
         # check (404/403, as in push step 1) and the page are all read in the same snapshot.
+        _throttle(resources, claims.user_id)
         with read_transaction(resources.engine) as conn:
             identity = load_identity(conn, claims)
             return pull(

@@ -10,10 +10,22 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from sync_server.account_tables import audit_log
+from sync_server.errors import ApiError
 from sync_server.ratelimit import RateLimiter, RatePolicy
 from sync_server.resources import Resources
 from tests.api.conftest import login
 from tests.factories import Factory, User
+from tests.syncing import (
+    JSON,
+    change_set,
+    create,
+    encode,
+    item,
+    last_applied_seq,
+    post,
+    pull_body,
+    push_body,
+)
 
 WINDOW = 2  # seconds: short windows so recovery is observable in a test
 
@@ -194,3 +206,68 @@ def test_refresh_is_rate_limited_per_account(
         ).status_code
         == 200
     )
+
+
+# --- /sync/v1: requests per user --------------------------------------------------------------
+
+
+def _pull(client: Any, factory: Factory, user: User, device: str) -> Any:
+    return client.post(
+        "/sync/v1/pull",
+        content=encode(pull_body(device)),
+        headers={**factory.auth(user), "Content-Type": JSON, "Accept": JSON},
+    )
+
+
+def test_sync_requests_are_throttled_per_user_across_endpoints_and_recover(
+    client: Any, resources: Resources, factory: Factory
+) -> None:
+    _install(resources, RatePolicy(sync_per_user=f"3/{WINDOW} seconds"))
+    branch = factory.branch()
+    busy, quiet = factory.user("staff", [branch]), factory.user("staff", [branch])
+    busy_device, quiet_device = factory.device(busy), factory.device(quiet)
+    for _ in range(3):
+        assert _pull(client, factory, busy, busy_device).status_code == 200
+
+    limited = _pull(client, factory, busy, busy_device)
+    assert limited.status_code == 429
+    assert limited.json()["code"] == "rate_limited"
+    assert set(limited.json()) == {"code", "message", "details"}
+    assert 1 <= int(limited.headers["Retry-After"]) <= WINDOW
+    # Pushes count against the same allowance, and nothing of a refused push is applied.
+    status, body = post(
+        client,
+        "push",
+        push_body(busy_device, change_set(1, create("inventory_items", **item()))),
+        factory.auth(busy),
+    )
+    assert (status, body["code"]) == (429, "rate_limited")
+    assert last_applied_seq(resources.engine, busy_device) == 0
+    # Another user is not affected.
+    assert _pull(client, factory, quiet, quiet_device).status_code == 200
+
+    time.sleep(WINDOW + 0.2)
+    assert _pull(client, factory, busy, busy_device).status_code == 200
+
+
+def test_sync_is_not_throttled_when_the_limit_is_off(
+    client: Any, resources: Resources, factory: Factory
+) -> None:
+    _install(resources, RatePolicy(sync_per_user=None))
+    user = factory.user("staff", [factory.branch()])
+    device = factory.device(user)
+    assert all(_pull(client, factory, user, device).status_code == 200 for _ in range(20))
+
+
+@pytest.mark.integration
+def test_sync_throttling_is_shared_through_redis_between_processes(
+    redis_client: Any, redis_url: str
+) -> None:
+    policy = RatePolicy(sync_per_user=f"2/{WINDOW} seconds")
+    first, second = RateLimiter(redis_url, policy), RateLimiter(redis_url, policy)
+    first.throttle(policy.sync_per_user, "sync", "user-1")
+    second.throttle(policy.sync_per_user, "sync", "user-1")
+    with pytest.raises(ApiError) as refused:
+        first.throttle(policy.sync_per_user, "sync", "user-1")
+    assert refused.value.status == 429
+    second.throttle(policy.sync_per_user, "sync", "user-2")

@@ -64,3 +64,14 @@ def test_the_number_of_database_workers_is_configurable_and_at_least_one() -> No
     assert settings.db_workers == 3
     with pytest.raises(SettingsError, match="GALLEY_DB_WORKERS"):
         load_settings({"GALLEY_SECRET_KEY": "k" * 40, "GALLEY_DB_WORKERS": "0"}, env_file=None)
+
+
+def test_the_sync_rate_limit_is_a_rate_or_off() -> None:
+    base = {"GALLEY_SECRET_KEY": "k" * 40}
+    assert load_settings(base, env_file=None).sync_rate_limit == "1200/minute"
+    assert load_settings({**base, "GALLEY_SYNC_RATE_LIMIT": "50/second"}, None).sync_rate_limit == (
+        "50/second"
+    )
+    assert load_settings({**base, "GALLEY_SYNC_RATE_LIMIT": "off"}, None).sync_rate_limit is None
+    with pytest.raises(SettingsError, match="GALLEY_SYNC_RATE_LIMIT"):
+        load_settings({**base, "GALLEY_SYNC_RATE_LIMIT": "lots"}, env_file=None)
