@@ -30,12 +30,14 @@ _encode = msgspec.msgpack.Encoder().encode
 
 
 class ResetRequired(Exception):
-    """The device's cursor for these scopes is older than the compaction horizon (or ahead of
-    the server): its replica of them must be rebuilt from version 0."""
+    """The device's replica of these scopes must be rebuilt from version 0; ``reason`` says
+    why, for the message: ``behind`` (older than the compaction horizon), ``ahead`` (a cursor
+    beyond anything this server wrote), ``role`` (the user's role changed since)."""
 
-    def __init__(self, scopes: list[str]) -> None:
-        super().__init__(", ".join(scopes))
+    def __init__(self, scopes: list[str], reason: str = "behind") -> None:
+        super().__init__(f"{reason}: {', '.join(scopes)}")
         self.scopes = scopes
+        self.reason = reason
 
 
 class RowOut(msgspec.Struct, array_like=False):
@@ -306,10 +308,16 @@ def pull(
     # A role change changes which fields the replica may hold (a manager demoted to staff
     # must lose the contact data of the staff directory; a promoted one must gain it): what
     # the device holds was filtered for its old role, so every scope it holds is rebuilt.
+    reason = "behind"
+    if any(cursors.get(s, 0) > (h.version if (h := heads.get(s)) else 0) for s in stale):
+        reason = "ahead"
     if device.pulled_role is not None and device.pulled_role != role.value:
-        stale = sorted(set(stale) | {s for s in scopes if cursors.get(s, 0) > 0})
+        held = {s for s in scopes if cursors.get(s, 0) > 0}
+        if held - set(stale):
+            reason = "role"
+        stale = sorted(set(stale) | held)
     if stale:
-        raise ResetRequired(stale)
+        raise ResetRequired(stale, reason)
     horizons = {scope: (h.horizon if (h := heads.get(scope)) else 0) for scope in scopes}
 
     after_sql, single_sql = _page_statements(conn)

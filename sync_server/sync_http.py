@@ -278,12 +278,19 @@ async def pull_endpoint(request: Request) -> Response:
         raise _device_refused(unregistered=exc.unregistered) from None
     except ResetRequired as exc:
         raise ApiError(
-            409,
-            "reset_required",
-            "The replica is too old to continue; discard it and pull from version 0.",
-            {"scopes": exc.scopes},
+            409, "reset_required", _RESET_MESSAGES[exc.reason], {"scopes": exc.scopes}
         ) from None
     return _encode(page, response_type)
+
+
+_RESET_MESSAGES = {
+    "behind": "The replica is too old to continue (older than the server's compaction horizon);"
+    " discard it and pull from version 0.",
+    "ahead": "The replica's cursors are ahead of this server (a replica of another database?);"
+    " discard it and pull from version 0.",
+    "role": "The user's role changed, and with it the fields the replica may hold; discard it"
+    " and pull from version 0.",
+}
 
 
 def routes() -> list[Route]:

@@ -272,6 +272,7 @@ def test_a_role_change_rebuilds_the_replica_so_a_demoted_manager_loses_staff_con
     status, body = post(client, "pull", pull_body(dev.id, cursors), dev.headers)
     assert status == 409 and body["code"] == "reset_required"
     assert set(body["details"]["scopes"]) == {s for s, v in cursors.items() if v > 0}
+    assert "role changed" in body["message"]
 
     _, rebuilt, _ = pull_all(client, dev, limit=1000)
     staff_rows = [data for (entity, _), (_, data) in rebuilt.items() if entity == "staff"]
@@ -382,7 +383,7 @@ def test_after_compaction_an_older_cursor_must_reset_and_newer_ones_continue(
     assert status == 409
     assert body["code"] == "reset_required"
     assert body["details"]["scopes"] == [scope]
-    assert body["message"]
+    assert "compaction horizon" in body["message"]
     # The device at the horizon or later, and a fresh replica, carry on.
     assert pull(client, dev, new_cursors)["changes"] == []
     _, fresh, _ = pull_all(client, dev, limit=1000)
@@ -422,6 +423,7 @@ def test_a_cursor_ahead_of_the_head_must_reset(client: Any, db: Engine, org: Org
     assert status == 409
     assert body["code"] == "reset_required"
     assert body["details"]["scopes"] == ["org"]
+    assert "ahead of this server" in body["message"]
 
 
 def test_a_large_version_waits_for_its_own_page_rather_than_overfilling_a_shared_one(
