@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.engine import Connection, Engine
 
+from .changelog import ChangeLog
 from .db import run_in_transaction
 from .directory import utcnow
 from .tables import sync_rows, sync_scopes
@@ -26,27 +27,46 @@ def compact_tombstones(engine: Engine, *, retention_days: int) -> int:
     for scope in scopes:
 
         def work(conn: Connection, scope: str = scope) -> int:
-            # Under the scope lock so that a pull's snapshot sees the horizon and the purge
-            # together, never one without the other.
+            # The engine's lock order is rows, then the scope's counter (sync_server.changelog):
+            # the old tombstones are found without locking, locked by key, and only then the
+            # counter is taken, so that a pull's snapshot sees the horizon and the purge
+            # together, never one without the other. (A range DELETE under the counter would
+            # wait on rows a push holds while that push waits for the counter: a deadlock.)
+            keys = [
+                (r.entity, r.row_id)
+                for r in conn.execute(
+                    select(sync_rows.c.entity, sync_rows.c.row_id).where(
+                        sync_rows.c.scope == scope,
+                        sync_rows.c.deleted.is_(True),
+                        sync_rows.c.changed_at < cutoff,
+                    )
+                )
+            ]
+            if not keys:
+                return 0
+            locked = ChangeLog(conn, utcnow()).load_rows(keys, lock=True)
+            # Still old tombstones now that they are locked (a row is never revived in place
+            # by anyone but a writer holding it, and "changed_at" only moves forward).
+            purge = [
+                key
+                for key, row in locked.items()
+                if row is not None and row.deleted and row.scope == scope
+            ]
             horizon = conn.execute(
                 select(sync_scopes.c.horizon).where(sync_scopes.c.scope == scope).with_for_update()
             ).scalar_one()
-            newest = conn.execute(
-                select(func.max(sync_rows.c.version)).where(
-                    sync_rows.c.scope == scope,
-                    sync_rows.c.deleted.is_(True),
-                    sync_rows.c.changed_at < cutoff,
-                )
-            ).scalar()
-            if newest is None:
+            if not purge:
                 return 0
-            purged = conn.execute(
-                delete(sync_rows).where(
-                    sync_rows.c.scope == scope,
-                    sync_rows.c.deleted.is_(True),
-                    sync_rows.c.version <= newest,
-                )
-            ).rowcount
+            newest = max(locked[key].version for key in purge)  # type: ignore[union-attr]
+            purged = 0
+            for start in range(0, len(purge), 500):
+                chunk = purge[start : start + 500]
+                purged += conn.execute(
+                    delete(sync_rows).where(
+                        tuple_(sync_rows.c.entity, sync_rows.c.row_id).in_(chunk),
+                        sync_rows.c.deleted.is_(True),
+                    )
+                ).rowcount
             conn.execute(
                 update(sync_scopes)
                 .where(sync_scopes.c.scope == scope)

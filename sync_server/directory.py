@@ -105,6 +105,7 @@ def staff_image(conn: Connection, user_id: str, cipher: FieldCipher) -> dict[str
 
 def publish_staff(conn: Connection, user_id: str, cipher: FieldCipher, now: datetime) -> int:
     log = ChangeLog(conn, now)
+    log.load_rows([("staff", user_id)], lock=True)  # rows before counters (see changelog)
     log.lock_scopes([ORG_SCOPE])
     version = log.write("staff", user_id, ORG_SCOPE, staff_image(conn, user_id, cipher))
     log.finish()
@@ -219,6 +220,7 @@ def register_device(
             return last
     if branch_id is not None:
         log = ChangeLog(conn, now)
+        log.load_rows([("devices", device_id)], lock=True)  # rows before counters
         log.lock_scopes([branch_scope(branch_id)])
         log.write(
             "devices",

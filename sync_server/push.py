@@ -406,6 +406,9 @@ class PushResult:
     gap: SeqGap | None
     #: scope -> newest version committed by this push (for change notifications).
     versions: dict[str, int]
+    #: Set when the device was refused (revoked, transferred, deleted) after earlier
+    #: change-sets of the batch were applied: processing stopped there.
+    refused: DeviceRefused | None = None
 
 
 def push(
@@ -459,6 +462,12 @@ def push(
                     ),
                 )
                 break
+            except DeviceRefused as exc:
+                if not outcomes:
+                    raise  # nothing applied: the request is refused (404/403)
+                # Revoked mid-batch: what was applied stays applied and is answered.
+                assert last_applied is not None  # set by the change-sets before this one
+                return PushResult(outcomes, last_applied, None, versions, refused=exc)
             except ScopeNotLocked as exc:
                 if attempt < 2:
                     continue  # a row appeared in another scope meanwhile: step 4 again

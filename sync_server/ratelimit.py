@@ -13,17 +13,21 @@ window, further attempts are refused until the window moves on, even with the ri
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
+from limits.errors import StorageError
 from limits.storage import Storage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
 from .errors import ApiError
 from .resources import Resources
+
+log = logging.getLogger("galley.ratelimit")
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,15 @@ class RateLimiter:
 
     def __init__(self, storage_url: str | None, policy: RatePolicy | None = None) -> None:
         storage = (
-            storage_from_string(storage_url, key_prefix="galley-limits")
+            storage_from_string(
+                storage_url,
+                key_prefix="galley-limits",
+                # Errors of the store come out as StorageError (see throttle), and a store
+                # that does not answer costs a request a second at most, not the OS timeout.
+                wrap_exceptions=True,
+                socket_connect_timeout=1,
+                socket_timeout=1,
+            )
             if storage_url
             else storage_from_string("memory://")
         )
@@ -63,6 +75,7 @@ class RateLimiter:
         self.storage = storage
         self._limiter = MovingWindowRateLimiter(self.storage)
         self._fixed = FixedWindowRateLimiter(self.storage)
+        self._throttle_off_until = 0.0
         self.policy = policy or RatePolicy()
 
     def _retry_after(self, item: RateLimitItem, *keys: str) -> int:
@@ -95,10 +108,19 @@ class RateLimiter:
     def throttle(self, rule: str | None, *keys: str) -> None:
         """Count one request against a fixed-window ``rule`` (None: unlimited) and raise a 429
         with ``Retry-After`` when the window's allowance is spent."""
-        if rule is None:
+        if rule is None or time.monotonic() < self._throttle_off_until:
             return
         item = parse(rule)
-        if not self._fixed.hit(item, *keys):
+        try:
+            allowed = self._fixed.hit(item, *keys)
+        except StorageError as exc:
+            # Throttling protects the server; it must not take sync down with it. With the
+            # store unreachable, requests go unthrottled (logged), and the store is left alone
+            # for a while rather than costing every request a timeout.
+            log.warning("rate-limit store unavailable, sync not throttled for 10 s: %s", exc)
+            self._throttle_off_until = time.monotonic() + 10
+            return
+        if not allowed:
             stats = self._fixed.get_window_stats(item, *keys)
             retry_after = max(1, math.ceil(stats.reset_time - time.time()))
             raise too_many(

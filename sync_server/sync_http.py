@@ -234,7 +234,10 @@ async def push_endpoint(request: Request) -> Response:
     except DeviceRefused as exc:
         raise _device_refused(unregistered=exc.unregistered) from None
     error = None
-    if result.gap is not None:
+    if result.refused is not None:
+        refusal = _device_refused(unregistered=result.refused.unregistered)
+        error = m.ErrorBody(refusal.code, refusal.message, {})
+    elif result.gap is not None:
         error = m.ErrorBody(
             "seq_gap",
             f"Change-set seq {result.gap.expected} is the next one expected; resend from there.",

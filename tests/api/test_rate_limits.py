@@ -271,3 +271,16 @@ def test_sync_throttling_is_shared_through_redis_between_processes(
         first.throttle(policy.sync_per_user, "sync", "user-1")
     assert refused.value.status == 429
     second.throttle(policy.sync_per_user, "sync", "user-2")
+
+
+def test_sync_keeps_working_unthrottled_when_the_limit_store_is_unreachable(
+    client: Any, resources: Resources, factory: Factory
+) -> None:
+    # Nothing listens on port 1: the real Redis client fails to connect. Throttling must not
+    # take sync down with it, nor cost every request a timeout.
+    _install(resources, RatePolicy(sync_per_user=f"1/{WINDOW} seconds"), "redis://127.0.0.1:1/0")
+    user = factory.user("staff", [factory.branch()])
+    device = factory.device(user)
+    started = time.monotonic()
+    assert [_pull(client, factory, user, device).status_code for _ in range(5)] == [200] * 5
+    assert time.monotonic() - started < 5

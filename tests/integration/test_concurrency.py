@@ -285,3 +285,98 @@ def test_locking_a_scope_out_of_order_is_refused(db: Engine, factory: Factory) -
 
     with pytest.raises(ScopeNotLocked):
         run_in_transaction(db, txn)
+
+
+@pytest.mark.integration
+def test_compaction_waits_for_a_push_holding_a_tombstone_instead_of_deadlocking(
+    mysql_engine: Engine,
+) -> None:
+    # Every writer locks rows before the scope counter. A push holding a tombstone (step 4)
+    # and then asking for the counter must get it while compaction waits for the row; with
+    # compaction taking the counter first, the two would deadlock (1213) and one would fail.
+    from sync_server.changelog import publish
+    from sync_server.compaction import compact_tombstones
+    from sync_server.tables import sync_scopes
+
+    branch = run_in_transaction(mysql_engine, lambda c: create_branch(c, "CMP", "Compacted"))
+    scope = f"branch:{branch.id}"
+    row = new_id()
+    run_in_transaction(
+        mysql_engine,
+        lambda c: publish(c, utcnow(), "devices", row, scope, {"branch_id": branch.id}),
+    )
+    run_in_transaction(mysql_engine, lambda c: publish(c, utcnow(), "devices", row, scope, None))
+
+    purged: list[int] = []
+    with mysql_engine.connect() as push_like:
+        push_like.begin()
+        ChangeLog(push_like, utcnow()).load_rows([("devices", row)], lock=True)
+        compactor = threading.Thread(
+            target=lambda: purged.append(compact_tombstones(mysql_engine, retention_days=0))
+        )
+        compactor.start()
+        time.sleep(0.5)  # compaction is now waiting for the tombstone's lock
+        push_like.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 5")
+        started = time.monotonic()
+        ChangeLog(push_like, utcnow()).lock_scopes([scope])  # must not wait for compaction
+        assert time.monotonic() - started < 2
+        assert compactor.is_alive()
+        push_like.commit()
+    compactor.join(timeout=30)
+    assert purged == [1]
+    assert server_rows(mysql_engine, scope) == {}
+    with mysql_engine.connect() as conn:
+        horizon = (
+            conn.execute(sync_scopes.select().where(sync_scopes.c.scope == scope)).one().horizon
+        )
+    assert horizon == scope_heads(mysql_engine)[scope].version
+
+
+@pytest.mark.parametrize(
+    "db", [pytest.param("mysql", marks=pytest.mark.integration)], indirect=True
+)
+def test_a_device_revoked_mid_batch_keeps_what_was_applied_and_is_told_why(
+    db: Engine, factory: Factory, cheap_passwords: None
+) -> None:
+    # The device is revoked while its first change-set commits: that one stays applied and is
+    # answered; the second is refused with the device's error, not a 403 for the whole batch.
+    from sqlalchemy import event, update
+
+    from sync_server.tables import devices
+
+    user = factory.user("manager", [factory.branch()])
+    device = factory.device(user)
+    revoker: list[threading.Thread] = []
+
+    def revoke_while_committing(_conn: Any) -> None:
+        if revoker:
+            return
+
+        def revoke() -> None:
+            with db.begin() as other:  # waits for our device lock, then commits
+                other.execute(
+                    update(devices).where(devices.c.id == device).values(revoked_at=utcnow())
+                )
+
+        revoker.append(threading.Thread(target=revoke))
+        revoker[0].start()
+        time.sleep(0.3)  # queued on the device row before our commit releases it
+
+    with db.connect() as conn:
+        event.listen(conn, "commit", revoke_while_committing)
+        result = push(
+            conn,
+            device_id=device,
+            principal=principal(user),
+            change_sets=to_change_sets(
+                change_set(1, create("menu_items", new_id(), **dish())),
+                change_set(2, create("menu_items", new_id(), **dish())),
+            ),
+            registry=REGISTRY,
+        )
+    revoker[0].join(timeout=30)
+
+    assert [o.status for o in result.outcomes] == ["applied"]
+    assert result.last_applied_seq == 1 and result.gap is None
+    assert result.refused is not None and not result.refused.unregistered
+    assert last_applied_seq(db, device) == 1
