@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -395,7 +396,7 @@ def _run_idempotent(op: Operation, ctx: Context, body: Any, raw: Any, key: str) 
 def _endpoint(op: Operation) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         resources: Resources = request.app.state.resources
-        identity = await resources.run_blocking(lambda: _authorize(op, request, resources))
+        identity = await run_in_threadpool(_authorize, op, request, resources)
         query, page = _decode_query(op, request)
         raw_body = await _read_body(request) if op.body is not None else b""
         body, raw = _decode_body(op, request.headers.get("content-type", ""), raw_body)
@@ -412,8 +413,8 @@ def _endpoint(op: Operation) -> Callable[[Request], Awaitable[Response]]:
         key = request.headers.get("idempotency-key")
         if op.idempotent and key is not None:
             idempotency.check_key(key)
-            return await resources.run_blocking(lambda: _run_idempotent(op, ctx, body, raw, key))
-        reply = await resources.run_blocking(lambda: _run(op, ctx, body))
+            return await run_in_threadpool(_run_idempotent, op, ctx, body, raw, key)
+        reply = await run_in_threadpool(_run, op, ctx, body)
         return envelope(reply)
 
     endpoint.__name__ = op.operation_id

@@ -59,20 +59,48 @@ def create_db_engine(database_url: str, *, echo: bool = False, pool_size: int = 
         query = dict(url.query)
         query.setdefault("charset", "utf8mb4")
         url = url.set(query=query)
-        return create_engine(
+        engine = create_engine(
             url,
             echo=echo,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,
             pool_recycle=3600,
-            # A connection is always returned through sqlalchemy's Connection, whose close()
-            # rolls back an open transaction itself; the pool's own reset would send a second
-            # ROLLBACK after every committed transaction (one round trip per request, for nothing).
+            # The pool's own reset would send a ROLLBACK whenever a connection comes back,
+            # even after a COMMIT (one round trip per request, for nothing): it is replaced by
+            # _roll_back_open_transactions, which rolls back only what is still open.
             pool_reset_on_return=None,
             isolation_level="READ COMMITTED",
         )
+        _roll_back_open_transactions(engine)
+        return engine
     raise ValueError(f"unsupported database: {url.get_backend_name()}")
+
+
+def _roll_back_open_transactions(engine: Engine) -> None:
+    """Roll back, when a connection returns to the pool, a transaction that is still open.
+
+    Every transaction begun through a :class:`Connection` is tracked on its pooled connection
+    (begin, commit and rollback events; no round trip). A Connection closed normally has
+    ended its transaction itself; one dropped without being closed (garbage-collected), or
+    whose own rollback failed, comes back with the transaction still marked open, and is
+    rolled back here before anyone else can use it (an open snapshot or lock leaking into the
+    next request would be served stale data, or fail its ``SET TRANSACTION``).
+    """
+
+    def mark(conn: Connection, is_open: bool) -> None:
+        # .info lives with the DBAPI connection: the pool's reset event sees the same dict.
+        conn.connection.info["open_transaction"] = is_open
+
+    def reset(dbapi_connection: Any, record: Any, state: Any) -> None:
+        if record is not None and record.info.get("open_transaction"):
+            record.info["open_transaction"] = False
+            dbapi_connection.rollback()
+
+    event.listen(engine, "begin", lambda conn: mark(conn, True))
+    event.listen(engine, "commit", lambda conn: mark(conn, False))
+    event.listen(engine, "rollback", lambda conn: mark(conn, False))
+    event.listen(engine.pool, "reset", reset)
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -34,35 +34,38 @@ class Resources:
     pubsub: PubSub
     redis: Any | None = None  # redis.Redis when REDIS_URL is configured
     extras: dict[str, Any] = field(default_factory=dict)
-    #: The threads doing requests' blocking work (``settings.db_workers`` of them).
-    executor: ThreadPoolExecutor | None = None
+    #: The threads doing /sync/v1 requests' blocking work (``settings.db_workers`` of them).
+    executor: ThreadPoolExecutor = field(init=False)
+    closed: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.settings.db_workers, thread_name_prefix="galley-sync"
+        )
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
-        """Run blocking ``fn`` (database, Redis) on one of ``settings.db_workers`` threads.
+        """Run the blocking work of a /sync/v1 request (database, Redis) on one of
+        ``settings.db_workers`` threads.
 
-        The work is mostly Python holding the GIL between short waits on the database: a few
+        That work is mostly Python holding the GIL between short waits on the database: a few
         threads keep the process busy, and dozens (the default thread pool holds 40) only take
         the GIL from each other, which costs CPU (measured: ~25 % more per push with 16 devices
         pushing at once); requests beyond the bound wait their turn, which costs nothing. The
-        event loop's own executor hand-off is also lighter than anyio's (measured: ~7 % of a
-        small push's CPU went to the thread hop).
+        event loop's own executor hand-off is also lighter than anyio's (measured: ~1 ms of a
+        small push's CPU went to the thread hop). /api/v1, whose requests may spend 100 ms
+        hashing a password, keeps Starlette's thread pool, so that sign-ins never hold up sync.
         """
-        if self.executor is None:
-            self.executor = _executor(self.settings)
+        if self.closed:
+            raise RuntimeError("the server is shutting down")
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True)
-            self.executor = None
+        self.closed = True
+        self.executor.shutdown(wait=True)
         self.pubsub.close()
         if self.redis is not None:
             self.redis.close()
         self.engine.dispose()
-
-
-def _executor(settings: Settings) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=settings.db_workers, thread_name_prefix="galley-db")
 
 
 def build_resources(settings: Settings, *, engine: Engine | None = None) -> Resources:
@@ -76,10 +79,11 @@ def build_resources(settings: Settings, *, engine: Engine | None = None) -> Reso
         )
     return Resources(
         settings=settings,
-        engine=engine or create_db_engine(settings.database_url),
+        # Room in the pool for every sync worker thread, and for /api/v1 and background work.
+        engine=engine
+        or create_db_engine(settings.database_url, pool_size=max(10, settings.db_workers + 2)),
         tokens=TokenService(settings),
         cipher=FieldCipher.from_settings(settings),
         pubsub=create_pubsub(redis_client),
         redis=redis_client,
-        executor=_executor(settings),
     )

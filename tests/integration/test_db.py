@@ -357,3 +357,32 @@ def test_sqlite_connections_use_wal_and_enforce_foreign_keys(sqlite_engine: Engi
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         conn.rollback()
+
+
+@pytest.mark.integration
+def test_a_connection_dropped_without_closing_comes_back_to_the_pool_rolled_back(
+    mysql_engine: Engine, mysql_url: str
+) -> None:
+    # The pool sends no ROLLBACK after a committed transaction (a round trip saved per
+    # request), but one still open — a Connection garbage-collected without being closed —
+    # is rolled back before the next user gets it: no stale snapshot, no leaked lock.
+    import gc
+
+    engine = create_db_engine(mysql_url, pool_size=1)  # migrated by mysql_engine
+    try:
+        _add_counters(engine, "dropped")
+        conn = engine.connect()
+        _bump(conn, "dropped")  # uncommitted, holding the counter's row lock
+        del conn
+        gc.collect()
+        for committed in range(3):  # whichever pooled connection comes next
+            with read_transaction(engine) as snap:  # would fail: transaction in progress
+                assert _counter_on(snap, "dropped") == committed
+            run_in_transaction(engine, lambda c: _bump(c, "dropped"))  # no lock left behind
+        assert _counter(engine, "dropped") == 3
+    finally:
+        run_in_transaction(
+            engine,
+            lambda c: c.execute(sync_scopes.delete().where(sync_scopes.c.scope == "dropped")),
+        )
+        engine.dispose()
