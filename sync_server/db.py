@@ -90,7 +90,10 @@ def _roll_back_open_transactions(engine: Engine) -> None:
 
     def mark(conn: Connection, is_open: bool) -> None:
         # .info lives with the DBAPI connection: the pool's reset event sees the same dict.
-        conn.connection.info["open_transaction"] = is_open
+        info = conn.connection.info
+        info["open_transaction"] = is_open
+        if not is_open:
+            info.pop(_SNAPSHOT, None)  # a snapshot ends with its transaction
 
     def reset(dbapi_connection: Any, record: Any, state: Any) -> None:
         if record is not None and record.info.get("open_transaction"):
@@ -156,7 +159,11 @@ def read_transaction(engine: Engine, *, snapshot: bool = True) -> Iterator[Conne
         if snapshot and engine.dialect.name != "sqlite":
             # Allowed only between transactions: a pooled connection has none open.
             conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        yield conn
+            conn.info[_SNAPSHOT] = True  # until the transaction ends (see _roll_back_open…)
+        try:
+            yield conn
+        finally:
+            conn.info.pop(_SNAPSHOT, None)
 
 
 def run_in_transaction(
@@ -191,29 +198,42 @@ def transact(
     it; on SQLite it is ended first, so that this one starts with ``BEGIN IMMEDIATE``. Callers
     holding one connection for several transactions (a push request) pay one pool checkout.
     """
+    if conn.in_transaction() and conn.info.get(_SNAPSHOT):
+        # Writes planned on a REPEATABLE READ snapshot would judge rows as they were when it
+        # began: end the snapshot first (pull does).
+        raise RuntimeError("transact() on a connection still in a read_transaction snapshot")
     sqlite = conn.dialect.name == "sqlite"
-    for attempt in range(1, attempts + 1):
-        try:
-            if sqlite and conn.in_transaction() and not _immediate(conn):
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                if sqlite and conn.in_transaction() and not _immediate(conn):
+                    conn.rollback()
+                if not conn.in_transaction():
+                    if sqlite:
+                        conn.execution_options(sqlite_begin="IMMEDIATE")
+                    conn.begin()
+                result = work(conn)
+                conn.commit()
+                return result
+            except DBAPIError as exc:
                 conn.rollback()
-            if not conn.in_transaction():
-                if sqlite:
-                    conn.execution_options(sqlite_begin="IMMEDIATE")
-                conn.begin()
-            result = work(conn)
-            conn.commit()
-            return result
-        except DBAPIError as exc:
-            conn.rollback()
-            if attempt == attempts or not is_retryable(exc):
+                if attempt == attempts or not is_retryable(exc):
+                    raise
+                delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
+                log.info("retrying transaction after %s (attempt %d)", exc.orig, attempt)
+                time.sleep(delay)
+            except BaseException:
+                conn.rollback()
                 raise
-            delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
-            log.info("retrying transaction after %s (attempt %d)", exc.orig, attempt)
-            time.sleep(delay)
-        except BaseException:
-            conn.rollback()
-            raise
-    raise AssertionError("unreachable")  # pragma: no cover
+        raise AssertionError("unreachable")  # pragma: no cover
+    finally:
+        if sqlite:
+            # Later reads on this connection begin deferred again, not holding the write lock.
+            conn.execution_options(sqlite_begin="DEFERRED")
+
+
+#: Marks a connection whose open transaction is a read_transaction snapshot.
+_SNAPSHOT = "galley_snapshot"
 
 
 def _immediate(conn: Connection) -> bool:

@@ -137,19 +137,36 @@ def _rewrite(
 ) -> None:
     table = record.table
     shapes = {tuple(sorted(k for k in data if k in table.c and k != "id")) for _, data in rows}
-    if len(rows) == 1 or len(shapes) != 1:
-        # One row, or images of different shapes (not produced by the planner, which writes
-        # whole images): one statement per row.
+    ids = [row_id for row_id, _ in rows]
+    if len(rows) == 1 or len(shapes) != 1 or len(set(ids)) != len(ids):
+        # One row, images of different shapes, or a row twice (neither produced by the
+        # planner, which writes each row's whole last image once): one statement per row,
+        # in order, so the last image wins.
         for row_id, data in rows:
             save(conn, table.name, row_id, data, version=version, created=False, now=now)
         return
     (columns,) = shapes
-    params: dict[str, Any] = {"version": version, "updated_at": now}
-    for i, (row_id, data) in enumerate(rows):
-        params[f"id_{i}"] = row_id
-        for name in columns:
-            params[f"{name}_{i}"] = data[name]
-    conn.execute(_rewrite_statement(record, columns, len(rows)), params)
+    # In chunks of a few fixed sizes: a handful of statement shapes per table stay compiled,
+    # and a 500-op change-set never builds one huge CASE.
+    start = 0
+    while start < len(rows):
+        size = next(n for n in _CHUNKS if n <= len(rows) - start)
+        chunk = rows[start : start + size]
+        start += size
+        if size == 1:
+            ((row_id, data),) = chunk
+            save(conn, table.name, row_id, data, version=version, created=False, now=now)
+            continue
+        params: dict[str, Any] = {"version": version, "updated_at": now}
+        for i, (row_id, data) in enumerate(chunk):
+            params[f"id_{i}"] = row_id
+            for name in columns:
+                params[f"{name}_{i}"] = data[name]
+        conn.execute(_rewrite_statement(record, columns, size), params)
+
+
+#: Rows per CASE update, largest first (the remainder goes in smaller ones).
+_CHUNKS = (32, 16, 8, 4, 2, 1)
 
 
 @lru_cache(maxsize=256)

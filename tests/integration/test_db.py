@@ -386,3 +386,35 @@ def test_a_connection_dropped_without_closing_comes_back_to_the_pool_rolled_back
             lambda c: c.execute(sync_scopes.delete().where(sync_scopes.c.scope == "dropped")),
         )
         engine.dispose()
+
+
+@pytest.mark.integration
+def test_writes_are_refused_on_a_snapshot_until_it_ends(mysql_engine: Engine) -> None:
+    _add_counters(mysql_engine, "snapshot-write")
+    with read_transaction(mysql_engine) as conn:
+        _counter_on(conn, "snapshot-write")
+        with pytest.raises(RuntimeError, match="snapshot"):
+            transact(conn, lambda c: _bump(c, "snapshot-write"))
+        conn.rollback()  # the snapshot ends: writes may follow, at READ COMMITTED
+        transact(conn, lambda c: _bump(c, "snapshot-write"))
+    assert _counter(mysql_engine, "snapshot-write") == 1
+
+
+def test_a_held_connection_reads_without_the_write_lock_after_a_transaction(
+    sqlite_engine: Engine,
+) -> None:
+    # SQLite writers begin IMMEDIATE (the write lock up front); a read made afterwards on the
+    # same held connection must not keep holding it, or every other writer would wait on it.
+    from sqlalchemy import delete
+
+    _add_counters(sqlite_engine, "held-read")
+    try:
+        with sqlite_engine.connect() as conn:
+            transact(conn, lambda c: _bump(c, "held-read"))
+            assert _counter_on(conn, "held-read") == 1  # a deferred read transaction
+            run_in_transaction(sqlite_engine, lambda c: _bump(c, "held-read"), attempts=1)
+            conn.rollback()
+        assert _counter(sqlite_engine, "held-read") == 2
+    finally:
+        with sqlite_engine.begin() as conn:
+            conn.execute(delete(sync_scopes).where(sync_scopes.c.scope == "held-read"))

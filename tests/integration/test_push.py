@@ -497,6 +497,26 @@ def test_one_change_set_renaming_many_items_rewrites_each_record_and_nothing_els
     assert [records[i].supplier for i in ids] == ["Acme", None, None]
 
 
+def test_renaming_more_items_than_one_batched_statement_holds_renames_each_once(
+    client: Any, db: Engine, kitchen: Kitchen
+) -> None:
+    ids = [new_id() for _ in range(37)]  # batched as 32 + 4 + 1
+    created = push(
+        client,
+        kitchen.manager,
+        *[create("inventory_items", i, **item(sku=f"B-{n}")) for n, i in enumerate(ids)],
+    )
+    base = created["versions"][f"branch:{kitchen.branch}"]
+    push(
+        client,
+        kitchen.manager,
+        *[patch("inventory_items", i, base, name=f"Batch {n}") for n, i in enumerate(ids)],
+    )
+    records = inventory_records(db)
+    assert [records[i].name for i in ids] == [f"Batch {n}" for n in range(37)]
+    assert [records[i].sku for i in ids] == [f"B-{n}" for n in range(37)]
+
+
 def test_a_sku_freed_and_taken_in_one_change_set_reaches_the_unique_index_in_order(
     client: Any, db: Engine, kitchen: Kitchen
 ) -> None:
