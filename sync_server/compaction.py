@@ -28,11 +28,10 @@ def compact_tombstones(engine: Engine, *, retention_days: int) -> int:
 
         def work(conn: Connection, scope: str = scope) -> int:
             # The engine's lock order is rows, then the scope's counter (sync_server.changelog):
-            # the old tombstones are found without locking, locked by key, and only then the
-            # counter is taken, so that a pull's snapshot sees the horizon and the purge
-            # together, never one without the other. (A range DELETE under the counter would
-            # wait on rows a push holds while that push waits for the counter: a deadlock.)
-            keys = [
+            # the old tombstones are found without locking, locked by key, deleted, and only
+            # then the counter is taken. (A range DELETE under the counter would wait on rows
+            # a push holds while that push waits for the counter: a deadlock.)
+            keys = sorted(  # primary-key order: the order every writer locks rows in
                 (r.entity, r.row_id)
                 for r in conn.execute(
                     select(sync_rows.c.entity, sync_rows.c.row_id).where(
@@ -41,7 +40,7 @@ def compact_tombstones(engine: Engine, *, retention_days: int) -> int:
                         sync_rows.c.changed_at < cutoff,
                     )
                 )
-            ]
+            )
             if not keys:
                 return 0
             locked = ChangeLog(conn, utcnow()).load_rows(keys, lock=True)
@@ -52,9 +51,6 @@ def compact_tombstones(engine: Engine, *, retention_days: int) -> int:
                 for key, row in locked.items()
                 if row is not None and row.deleted and row.scope == scope
             ]
-            horizon = conn.execute(
-                select(sync_scopes.c.horizon).where(sync_scopes.c.scope == scope).with_for_update()
-            ).scalar_one()
             if not purge:
                 return 0
             newest = max(locked[key].version for key in purge)  # type: ignore[union-attr]
@@ -67,6 +63,11 @@ def compact_tombstones(engine: Engine, *, retention_days: int) -> int:
                         sync_rows.c.deleted.is_(True),
                     )
                 ).rowcount
+            # The counter last, held only for this: the purge and the new horizon commit
+            # together, so a pull's snapshot sees both or neither.
+            horizon = conn.execute(
+                select(sync_scopes.c.horizon).where(sync_scopes.c.scope == scope).with_for_update()
+            ).scalar_one()
             conn.execute(
                 update(sync_scopes)
                 .where(sync_scopes.c.scope == scope)

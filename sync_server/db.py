@@ -39,7 +39,9 @@ T = TypeVar("T")
 RETRYABLE_MYSQL_ERRORS = {1213, 1205}
 
 
-def create_db_engine(database_url: str, *, echo: bool = False, pool_size: int = 10) -> Engine:
+def create_db_engine(
+    database_url: str, *, echo: bool = False, pool_size: int = 10, max_overflow: int | None = None
+) -> Engine:
     """Build the engine for ``database_url`` with Galley's connection policy."""
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
@@ -63,7 +65,7 @@ def create_db_engine(database_url: str, *, echo: bool = False, pool_size: int = 
             url,
             echo=echo,
             pool_size=pool_size,
-            max_overflow=pool_size,
+            max_overflow=pool_size if max_overflow is None else max_overflow,
             pool_pre_ping=True,
             pool_recycle=3600,
             # The pool's own reset would send a ROLLBACK whenever a connection comes back,
@@ -81,14 +83,17 @@ def _roll_back_open_transactions(engine: Engine) -> None:
     """Roll back, when a connection returns to the pool, a transaction that is still open.
 
     Every transaction begun through a :class:`Connection` is tracked on its pooled connection
-    (begin, commit and rollback events; no round trip). A Connection closed normally has
-    ended its transaction itself; one dropped without being closed (garbage-collected), or
-    whose own rollback failed, comes back with the transaction still marked open, and is
-    rolled back here before anyone else can use it (an open snapshot or lock leaking into the
-    next request would be served stale data, or fail its ``SET TRANSACTION``).
+    (begin, commit and rollback events, and errors; no round trip). A Connection closed
+    normally has ended its transaction itself; one dropped without being closed
+    (garbage-collected), or whose COMMIT or ROLLBACK failed, comes back with the transaction
+    still marked open, and is rolled back here before anyone else can use it (an open
+    snapshot or lock leaking into the next request would be served stale data, or fail its
+    ``SET TRANSACTION``).
     """
 
     def mark(conn: Connection, is_open: bool) -> None:
+        if conn.invalidated or conn.closed:
+            return  # its DBAPI connection is gone; a reconnect starts with a clean .info
         # .info lives with the DBAPI connection: the pool's reset event sees the same dict.
         info = conn.connection.info
         info["open_transaction"] = is_open
@@ -98,11 +103,21 @@ def _roll_back_open_transactions(engine: Engine) -> None:
     def reset(dbapi_connection: Any, record: Any, state: Any) -> None:
         if record is not None and record.info.get("open_transaction"):
             record.info["open_transaction"] = False
+            record.info.pop(_SNAPSHOT, None)
             dbapi_connection.rollback()
+
+    def failed(context: Any) -> None:
+        # The commit and rollback events fire before the statement: if it then fails (other
+        # than by a lost connection, which the pool discards), the transaction may still be
+        # open on the server. Mark it so, for the reset to roll back.
+        conn = context.connection
+        if conn is not None and not context.is_disconnect:
+            mark(conn, True)
 
     event.listen(engine, "begin", lambda conn: mark(conn, True))
     event.listen(engine, "commit", lambda conn: mark(conn, False))
     event.listen(engine, "rollback", lambda conn: mark(conn, False))
+    event.listen(engine, "handle_error", failed)
     event.listen(engine.pool, "reset", reset)
 
 
@@ -163,7 +178,8 @@ def read_transaction(engine: Engine, *, snapshot: bool = True) -> Iterator[Conne
         try:
             yield conn
         finally:
-            conn.info.pop(_SNAPSHOT, None)
+            if not (conn.invalidated or conn.closed):
+                conn.info.pop(_SNAPSHOT, None)
 
 
 def run_in_transaction(
@@ -198,7 +214,7 @@ def transact(
     it; on SQLite it is ended first, so that this one starts with ``BEGIN IMMEDIATE``. Callers
     holding one connection for several transactions (a push request) pay one pool checkout.
     """
-    if conn.in_transaction() and conn.info.get(_SNAPSHOT):
+    if conn.in_transaction() and not conn.invalidated and conn.info.get(_SNAPSHOT):
         # Writes planned on a REPEATABLE READ snapshot would judge rows as they were when it
         # began: end the snapshot first (pull does).
         raise RuntimeError("transact() on a connection still in a read_transaction snapshot")

@@ -112,7 +112,9 @@ class RateLimiter:
             return
         item = parse(rule)
         try:
-            allowed = self._fixed.hit(item, *keys)
+            if self._fixed.hit(item, *keys):
+                return
+            stats = self._fixed.get_window_stats(item, *keys)
         except StorageError as exc:
             # Throttling protects the server; it must not take sync down with it. With the
             # store unreachable, requests go unthrottled (logged), and the store is left alone
@@ -120,12 +122,10 @@ class RateLimiter:
             log.warning("rate-limit store unavailable, sync not throttled for 10 s: %s", exc)
             self._throttle_off_until = time.monotonic() + 10
             return
-        if not allowed:
-            stats = self._fixed.get_window_stats(item, *keys)
-            retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-            raise too_many(
-                retry_after, message=f"Too many requests; try again in {retry_after} seconds."
-            )
+        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        raise too_many(
+            retry_after, message=f"Too many requests; try again in {retry_after} seconds."
+        )
 
 
 _lock = threading.Lock()

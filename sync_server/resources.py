@@ -68,6 +68,10 @@ class Resources:
         self.engine.dispose()
 
 
+#: anyio's default thread limit, which Starlette's run_in_threadpool uses.
+_API_THREADS = 40
+
+
 def build_resources(settings: Settings, *, engine: Engine | None = None) -> Resources:
     """Create the engine, Redis client, pub/sub and token service for ``settings``."""
     redis_client = None
@@ -79,9 +83,15 @@ def build_resources(settings: Settings, *, engine: Engine | None = None) -> Reso
         )
     return Resources(
         settings=settings,
-        # Room in the pool for every sync worker thread, and for /api/v1 and background work.
+        # Room in the pool for every sync worker thread (kept open) and, as overflow, for each
+        # of the 40 threads of Starlette's pool that /api/v1 and background work run on: sync
+        # never waits for a connection behind sign-ins.
         engine=engine
-        or create_db_engine(settings.database_url, pool_size=max(10, settings.db_workers + 2)),
+        or create_db_engine(
+            settings.database_url,
+            pool_size=max(10, settings.db_workers + 2),
+            max_overflow=_API_THREADS,
+        ),
         tokens=TokenService(settings),
         cipher=FieldCipher.from_settings(settings),
         pubsub=create_pubsub(redis_client),

@@ -418,3 +418,27 @@ def test_a_held_connection_reads_without_the_write_lock_after_a_transaction(
     finally:
         with sqlite_engine.begin() as conn:
             conn.execute(delete(sync_scopes).where(sync_scopes.c.scope == "held-read"))
+
+
+@pytest.mark.integration
+def test_a_connection_lost_mid_transaction_raises_the_real_error_and_the_pool_recovers(
+    mysql_engine: Engine,
+) -> None:
+    # The bookkeeping of open transactions must not turn a lost connection into a confusing
+    # "Can't reconnect until invalid transaction is rolled back".
+    _add_counters(mysql_engine, "lost")
+
+    def killed_midway(conn: Connection) -> None:
+        _bump(conn, "lost")
+        victim = conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one()
+        with mysql_engine.connect() as other:
+            other.exec_driver_sql(f"KILL {int(victim)}")
+        _bump(conn, "lost")
+
+    with pytest.raises(DBAPIError) as lost:
+        run_in_transaction(mysql_engine, killed_midway)
+    assert _mysql_code(lost.value) in (2006, 2013)  # server gone / lost connection
+    with read_transaction(mysql_engine) as conn:
+        assert _counter_on(conn, "lost") == 0
+    run_in_transaction(mysql_engine, lambda c: _bump(c, "lost"))
+    assert _counter(mysql_engine, "lost") == 1
