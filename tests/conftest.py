@@ -67,6 +67,10 @@ def make_settings(database_url: str, redis_url: str | None = None, **overrides: 
         "redis_url": redis_url,
         "secret_key": TEST_SECRET,
         "huey_sqlite_path": str(Path(tempfile.gettempdir()) / "galley-test-huey.db"),
+        # Simulated devices sync at machine speed, far beyond a person's pace (the stateful
+        # convergence test sends thousands of requests a minute for one user): the sync rate
+        # limit is off unless a test installs one (tests/api/test_rate_limits.py).
+        "sync_rate_limit": None,
     }
     values.update(overrides)
     return Settings(**values)

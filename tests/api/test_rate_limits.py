@@ -284,3 +284,16 @@ def test_sync_keeps_working_unthrottled_when_the_limit_store_is_unreachable(
     started = time.monotonic()
     assert [_pull(client, factory, user, device).status_code for _ in range(5)] == [200] * 5
     assert time.monotonic() - started < 5
+
+
+def test_the_configured_sync_rate_limit_is_what_the_app_enforces(
+    client: Any, resources: Resources, factory: Factory
+) -> None:
+    from dataclasses import replace
+
+    resources.settings = replace(resources.settings, sync_rate_limit=f"2/{WINDOW} seconds")
+    resources.extras.pop("ratelimiter", None)  # built from the settings on first use
+    user = factory.user("staff", [factory.branch()])
+    device = factory.device(user)
+    statuses = [_pull(client, factory, user, device).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
