@@ -228,6 +228,14 @@ def apply_change_set(
     if change_set.seq != last + 1:
         return SeqGap(expected=last + 1)
 
+    # Step 7, first half: advance the device now, while only its own row is locked (the row
+    # stays locked to the end anyway, and the transaction commits or rolls back as a whole):
+    # one statement fewer held under the scope counters below.
+    conn.execute(
+        _ADVANCE_DEVICE,
+        {"k_device_id": device_id, "last_applied_seq": change_set.seq, "last_seen_at": now},
+    )
+
     change_set_id = change_set.id.lower()
     if recheck and _id_taken(conn, change_set_id):
         # The id was already used (a client bug, or two devices sharing a generator): the
@@ -362,7 +370,7 @@ def _record(
     outcome: m.Outcome,
     now: datetime,
 ) -> m.Outcome:
-    """Step 7: store the outcome and advance the device's last applied seq."""
+    """Step 7: store the outcome (the device's last applied seq was advanced before step 4)."""
     conn.execute(
         _INSERT_RECORD,
         {
@@ -376,10 +384,6 @@ def _record(
             "client_created_at": change_set.created_at,
             "received_at": now,
         },
-    )
-    conn.execute(
-        _ADVANCE_DEVICE,
-        {"k_device_id": device_id, "last_applied_seq": change_set.seq, "last_seen_at": now},
     )
     return outcome
 
