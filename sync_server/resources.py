@@ -34,38 +34,54 @@ class Resources:
     pubsub: PubSub
     redis: Any | None = None  # redis.Redis when REDIS_URL is configured
     extras: dict[str, Any] = field(default_factory=dict)
-    #: The threads doing /sync/v1 requests' blocking work (``settings.db_workers`` of them).
+    #: The threads doing the blocking work of /sync/v1 writes (push, device registration):
+    #: ``settings.db_workers`` of them.
     executor: ThreadPoolExecutor = field(init=False)
+    #: The threads doing pulls (:func:`read_workers` of them): a pull never waits for a
+    #: thread behind pushes queued on a contended scope counter.
+    read_executor: ThreadPoolExecutor = field(init=False)
     closed: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(
             max_workers=self.settings.db_workers, thread_name_prefix="galley-sync"
         )
+        self.read_executor = ThreadPoolExecutor(
+            max_workers=read_workers(self.settings), thread_name_prefix="galley-pull"
+        )
 
-    async def run_blocking(self, fn: Callable[[], T]) -> T:
+    async def run_blocking(self, fn: Callable[[], T], *, read: bool = False) -> T:
         """Run the blocking work of a /sync/v1 request (database, Redis) on one of
-        ``settings.db_workers`` threads.
+        ``settings.db_workers`` threads, or with ``read`` (a pull) on one of the pull threads.
 
         That work is mostly Python holding the GIL between short waits on the database: a few
         threads keep the process busy, and dozens (the default thread pool holds 40) only take
         the GIL from each other, which costs CPU (measured: ~25 % more per push with 16 devices
         pushing at once); requests beyond the bound wait their turn, which costs nothing. The
         event loop's own executor hand-off is also lighter than anyio's (measured: ~1 ms of a
-        small push's CPU went to the thread hop). /api/v1, whose requests may spend 100 ms
-        hashing a password, keeps Starlette's thread pool, so that sign-ins never hold up sync.
+        small push's CPU went to the thread hop). Pushes may wait long on a scope's counter
+        while another device writes the branch; pulls, the bulk of a server's requests, have
+        threads of their own so they never queue behind such a convoy. /api/v1, whose requests
+        may spend 100 ms hashing a password, keeps Starlette's thread pool.
         """
         if self.closed:
             raise RuntimeError("the server is shutting down")
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        executor = self.read_executor if read else self.executor
+        return await asyncio.get_running_loop().run_in_executor(executor, fn)
 
     def close(self) -> None:
         self.closed = True
         self.executor.shutdown(wait=True)
+        self.read_executor.shutdown(wait=True)
         self.pubsub.close()
         if self.redis is not None:
             self.redis.close()
         self.engine.dispose()
+
+
+def read_workers(settings: Settings) -> int:
+    """Pull threads per process: half as many as for writes, at least two."""
+    return max(2, settings.db_workers // 2)
 
 
 #: anyio's default thread limit, which Starlette's run_in_threadpool uses.
@@ -83,13 +99,13 @@ def build_resources(settings: Settings, *, engine: Engine | None = None) -> Reso
         )
     return Resources(
         settings=settings,
-        # Room in the pool for every sync worker thread (kept open) and, as overflow, for each
-        # of the 40 threads of Starlette's pool that /api/v1 and background work run on: sync
-        # never waits for a connection behind sign-ins.
+        # Room in the pool for every sync thread, pushes' and pulls' (kept open) and, as
+        # overflow, for each of the 40 threads of Starlette's pool that /api/v1 and background
+        # work run on: sync never waits for a connection behind sign-ins.
         engine=engine
         or create_db_engine(
             settings.database_url,
-            pool_size=max(10, settings.db_workers + 2),
+            pool_size=max(10, settings.db_workers + read_workers(settings) + 2),
             max_overflow=_API_THREADS,
         ),
         tokens=TokenService(settings),

@@ -49,8 +49,8 @@ class Settings:
     huey_sqlite_path: str = "./var/huey.db"
     tombstone_retention_days: int = 30
     max_request_bytes: int = 5 * 1024 * 1024
-    #: /sync/v1 requests whose blocking work (database, Redis) runs at once per process, in
-    #: threads; the rest wait their turn (see Resources.run_blocking).
+    #: /sync/v1 writes (push, registration) whose blocking work runs at once per process, in
+    #: threads; pulls get half as many threads of their own (see Resources.run_blocking).
     db_workers: int = 8
     #: Requests to /sync/v1 per user (``limits`` notation); None: unlimited.
     sync_rate_limit: str | None = "1200/minute"

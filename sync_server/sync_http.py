@@ -142,9 +142,9 @@ def _device_refused(*, unregistered: bool) -> ApiError:
     return ApiError(403, "device_forbidden", "This device does not belong to the signed-in user.")
 
 
-async def _run(request: Request, fn: Callable[[], T]) -> T:
+async def _run(request: Request, fn: Callable[[], T], *, read: bool = False) -> T:
     resources: Resources = request.app.state.resources
-    return await resources.run_blocking(fn)
+    return await resources.run_blocking(fn, read=read)
 
 
 def _throttle(resources: Resources, user_id: str) -> None:
@@ -276,7 +276,7 @@ async def pull_endpoint(request: Request) -> Response:
             )
 
     try:
-        page = await _run(request, work)
+        page = await _run(request, work, read=True)
     except DeviceRefused as exc:
         raise _device_refused(unregistered=exc.unregistered) from None
     except ResetRequired as exc:

@@ -380,3 +380,53 @@ def test_a_device_revoked_mid_batch_keeps_what_was_applied_and_is_told_why(
     assert result.last_applied_seq == 1 and result.gap is None
     assert result.refused is not None and not result.refused.unregistered
     assert last_applied_seq(db, device) == 1
+
+
+@pytest.mark.parametrize(
+    "db", [pytest.param("mysql", marks=pytest.mark.integration)], indirect=True
+)
+def test_a_pull_is_served_while_every_push_thread_waits_on_a_lock(
+    db: Engine, resources: Any, factory: Factory, cheap_passwords: None
+) -> None:
+    # Pushes queued on a contended lock hold their threads; pulls have threads of their own.
+    from dataclasses import replace
+
+    from sqlalchemy import select
+    from starlette.testclient import TestClient
+
+    from sync_server.app import create_app
+    from sync_server.resources import build_resources
+    from sync_server.tables import devices
+    from tests.syncing import pull_body
+
+    one_writer = build_resources(replace(resources.settings, db_workers=1), engine=db)
+    branch = factory.branch()
+    user = factory.user("manager", [branch])
+    pusher, puller, headers = factory.device(user), factory.device(user), factory.auth(user)
+    answers: list[tuple[int, Any]] = []
+    with TestClient(create_app(resources=one_writer)) as app_client, db.connect() as locker:
+        locker.begin()
+        locker.execute(select(devices.c.id).where(devices.c.id == pusher).with_for_update())
+        blocked = threading.Thread(
+            target=lambda: answers.append(
+                post(
+                    app_client,
+                    "push",
+                    push_body(pusher, change_set(1, create("menu_items", new_id(), **dish()))),
+                    headers,
+                )
+            )
+        )
+        blocked.start()
+        time.sleep(0.5)  # the only push thread now waits on the device's row lock
+
+        started = time.monotonic()
+        status, page = post(app_client, "pull", pull_body(puller), headers)
+        assert status == 200 and page["last_applied_seq"] == 0
+        assert time.monotonic() - started < 5
+        assert not answers  # the push is still waiting
+
+        locker.rollback()
+        blocked.join(timeout=30)
+    assert answers and answers[0][0] == 200
+    assert answers[0][1]["outcomes"][0]["status"] == "applied"
