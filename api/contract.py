@@ -98,7 +98,7 @@ class Context:
 
     @property
     def limiter(self) -> RateLimiter:
-        return rate_limiter(self.resources)
+        return limiter_for(self.resources)
 
 
 @dataclass
@@ -168,11 +168,6 @@ class _OperationRoute(Route):
 
 
 # --- helpers used by handlers ----------------------------------------------------------------
-
-
-def rate_limiter(resources: Resources) -> RateLimiter:
-    """The process's limiter for ``resources`` (Redis-backed when REDIS_URL is configured)."""
-    return limiter_for(resources)
 
 
 def now_for(resources: Resources) -> datetime:

@@ -172,11 +172,11 @@ def _outcome_for(
     )
 
 
-_LOCK_DEVICE = (
-    select(devices.c.last_applied_seq, devices.c.user_id, devices.c.branch_id, devices.c.revoked_at)
-    .where(devices.c.id == bindparam("device_id"))
-    .with_for_update()
-)
+#: The device as step 1 needs it: its last applied seq, owner, home branch and revocation.
+_DEVICE = select(
+    devices.c.last_applied_seq, devices.c.user_id, devices.c.branch_id, devices.c.revoked_at
+).where(devices.c.id == bindparam("device_id"))
+_LOCK_DEVICE = _DEVICE.with_for_update()
 
 
 def device_principal(user: Principal, device: Any) -> Principal:
@@ -237,28 +237,21 @@ def apply_change_set(
     )
 
     change_set_id = change_set.id.lower()
+    record = partial(
+        _record, conn, device_id=device_id, principal=principal, change_set=change_set, now=now
+    )
     if recheck and _id_taken(conn, change_set_id):
         # The id was already used (a client bug, or two devices sharing a generator): the
         # record insert of step 7 failed on it. It cannot be recorded under its own id, so it
         # is rejected under an id derived from the seq, consuming the seq so the queue moves on.
-        return _record(
-            conn,
-            device_id=device_id,
-            principal=principal,
-            change_set=change_set,
+        return record(
             record_id=str(uuid.uuid5(_DERIVED_IDS, f"{device_id}:{change_set.seq}")),
             outcome=_outcome_for(change_set, _duplicate_id_plan(change_set), {}, []),
-            now=now,
         )
     if refusal is not None:
-        return _record(
-            conn,
-            device_id=device_id,
-            principal=principal,
-            change_set=change_set,
+        return record(
             record_id=change_set_id,
             outcome=_outcome_for(change_set, Plan(errors=[refusal]), {}, []),
-            now=now,
         )
 
     # Step 4: read and lock the rows the ops name, then lock the counters of the scopes they
@@ -326,15 +319,10 @@ def apply_change_set(
             )
         versions = changelog.finish()
 
-    # Step 7: record the outcome and advance the device, in the same transaction as the writes.
-    return _record(
-        conn,
-        device_id=device_id,
-        principal=principal,
-        change_set=change_set,
-        record_id=change_set_id,
-        outcome=_outcome_for(change_set, plan, versions, conflict_ids),
-        now=now,
+    # Step 7: record the outcome, in the same transaction as the writes (the device's seq
+    # was advanced after step 3).
+    return record(
+        record_id=change_set_id, outcome=_outcome_for(change_set, plan, versions, conflict_ids)
     )
 
 
@@ -393,9 +381,6 @@ def _record(
 _INSERT_RECORD = insert(sync_change_sets)
 _ADVANCE_DEVICE = update(devices).where(devices.c.id == bindparam("k_device_id"))
 _INSERT_CONFLICT = insert(conflicts)
-_DEVICE = select(
-    devices.c.last_applied_seq, devices.c.user_id, devices.c.branch_id, devices.c.revoked_at
-).where(devices.c.id == bindparam("device_id"))
 
 
 def _apply_now(conn: Connection, **kwargs: Any) -> m.Outcome | SeqGap:
