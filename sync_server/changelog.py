@@ -50,6 +50,8 @@ class ScopeHead:
     checksum: int
     #: The version this transaction writes at (set when the first row is written).
     writing: int | None = None
+    #: Whether ``version`` moved since the counter was read (finish() must store it).
+    advanced: bool = False
 
 
 # Statements built once and executed with parameters (executemany for rows): the SQL is
@@ -187,6 +189,10 @@ class ChangeLog:
                 self._rows[key] = found.get(key)
         return {k: self._rows[k] for k in dict.fromkeys(keys)}
 
+    def current(self, keys: Iterable[Key]) -> dict[Key, RowState | None]:
+        """The images of rows already loaded, as this transaction's writes left them."""
+        return {k: self._rows[k] for k in dict.fromkeys(keys)}
+
     # Steps 2 and 3 -------------------------------------------------------------------------
     def write(
         self,
@@ -259,26 +265,38 @@ class ChangeLog:
             self.conn.execute(_REWRITE_ROWS[_family(self.conn)], rewrites)
 
     # Step 4 --------------------------------------------------------------------------------
-    def finish(self) -> dict[str, int]:
-        """Store the buffered rows and the advanced counters; returns scope -> version
-        written (scopes written only)."""
-        self.flush()
+    def seal(self) -> dict[str, int]:
+        """End one change-set of a transaction that writes several (group commit): the
+        versions it wrote become the scopes' heads, so the next write takes a new version.
+        Returns scope -> version written by the change-set just ended."""
         written: dict[str, int] = {}
         for head in self.heads.values():
             if head.writing is None:
+                continue
+            head.version = head.writing
+            head.writing = None
+            head.advanced = True
+            written[head.scope] = head.version
+        return written
+
+    def finish(self) -> dict[str, int]:
+        """Store the buffered rows and the advanced counters; returns scope -> version
+        written since the last :meth:`seal` (scopes written only)."""
+        self.flush()
+        written = self.seal()
+        for head in self.heads.values():
+            if not head.advanced:
                 continue
             self.conn.execute(
                 _UPDATE_SCOPE,
                 {
                     "k_scope": head.scope,
-                    "version": head.writing,
+                    "version": head.version,
                     "row_count": head.row_count,
                     "checksum": head.checksum,
                 },
             )
-            head.version = head.writing
-            head.writing = None
-            written[head.scope] = head.version
+            head.advanced = False
         return written
 
 

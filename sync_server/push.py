@@ -21,7 +21,14 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
-from conflict.planner import OpIssue, Plan, plan_change_set, touched_keys, with_home_branch
+from conflict.planner import (
+    ConflictDraft,
+    OpIssue,
+    Plan,
+    plan_change_set,
+    touched_keys,
+    with_home_branch,
+)
 from domain.fields import Field
 from domain.ops import CreateOp, DeleteOp, IntentOp, Op, PatchOp, Principal, RowState
 from domain.registry import Registry
@@ -73,7 +80,7 @@ def to_domain_op(op: m.Op, registry: Registry) -> Op:
     return DeleteOp(op.entity, op.id.lower(), op.base_version)
 
 
-def _scopes_to_lock(
+def scopes_to_lock(
     ops: Sequence[Op], principal: Principal, registry: Registry, known: dict[tuple[str, str], str]
 ) -> set[str]:
     """Every scope the ops may write: of the rows they name, and of the rows they create."""
@@ -89,38 +96,43 @@ def _scopes_to_lock(
     return scopes
 
 
-def _unique_index(
+def unique_index(
     conn: Connection,
-    ops: Sequence[Op],
-    rows: dict[tuple[str, str], RowState | None],
-    principal: Principal,
+    change_sets: Sequence[tuple[Sequence[Op], Principal]],
+    rows: Mapping[tuple[str, str], RowState | None],
     registry: Registry,
 ) -> dict[Any, str]:
-    """Who holds, in the system of record, each unique value the ops want to write."""
+    """Who holds, in the system of record, each unique value the ops of ``change_sets`` (each
+    with the principal writing it) want to write: one query per entity and scope."""
+    wanted: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+    for ops, principal in change_sets:
+        for op in ops:
+            if not isinstance(op, CreateOp | PatchOp):
+                continue
+            spec = registry.entity(op.entity)
+            if spec is None or not spec.unique:
+                continue
+            current = rows.get((op.entity, op.id))
+            if current is not None:
+                scope: str | None = current.scope
+            else:
+                scope = spec.scope_of(with_home_branch(spec, op.fields, principal))
+            if scope is None:
+                continue
+            wanted.setdefault((spec.name, scope), []).extend(
+                tuple(op.fields[n] for n in group)
+                for group in spec.unique
+                if all(n in op.fields for n in group)
+            )
     index: dict[Any, str] = {}
-    for op in ops:
-        if not isinstance(op, CreateOp | PatchOp):
-            continue
-        spec = registry.entity(op.entity)
-        if spec is None or not spec.unique:
-            continue
-        current = rows.get((op.entity, op.id))
-        if current is not None:
-            scope: str | None = current.scope
-        else:
-            scope = spec.scope_of(with_home_branch(spec, op.fields, principal))
-        if scope is None:
-            continue
-        candidates = [
-            tuple(op.fields[n] for n in group)
-            for group in spec.unique
-            if all(n in op.fields for n in group)
-        ]
+    for (entity, scope), candidates in wanted.items():
+        spec = registry.entity(entity)
+        assert spec is not None
         index.update(unique_holders(conn, spec, scope, candidates))
     return index
 
 
-def _stored_outcome(conn: Connection, device_id: str, seq: int) -> m.Outcome:
+def stored_outcome(conn: Connection, device_id: str, seq: int) -> m.Outcome:
     blob = conn.execute(
         select(sync_change_sets.c.outcome).where(
             sync_change_sets.c.device_id == device_id, sync_change_sets.c.seq == seq
@@ -153,7 +165,7 @@ def _duplicate_id_plan(change_set: m.ChangeSet) -> Plan:
     )
 
 
-def _outcome_for(
+def outcome_for(
     change_set: m.ChangeSet, plan: Plan, versions: dict[str, int], conflict_ids: list[str]
 ) -> m.Outcome:
     if plan.rejected:
@@ -223,7 +235,7 @@ def apply_change_set(
 
     # Step 2: a seq at or below the last applied one is a replay: answer what we answered.
     if change_set.seq <= last:
-        return _stored_outcome(conn, device_id, change_set.seq)
+        return stored_outcome(conn, device_id, change_set.seq)
     # Step 3: a gap means the device lost track; it must resume at last + 1.
     if change_set.seq != last + 1:
         return SeqGap(expected=last + 1)
@@ -232,7 +244,7 @@ def apply_change_set(
     # stays locked to the end anyway, and the transaction commits or rolls back as a whole):
     # one statement fewer held under the scope counters below.
     conn.execute(
-        _ADVANCE_DEVICE,
+        ADVANCE_DEVICE,
         {"k_device_id": device_id, "last_applied_seq": change_set.seq, "last_seen_at": now},
     )
 
@@ -246,12 +258,12 @@ def apply_change_set(
         # is rejected under an id derived from the seq, consuming the seq so the queue moves on.
         return record(
             record_id=str(uuid.uuid5(_DERIVED_IDS, f"{device_id}:{change_set.seq}")),
-            outcome=_outcome_for(change_set, _duplicate_id_plan(change_set), {}, []),
+            outcome=outcome_for(change_set, _duplicate_id_plan(change_set), {}, []),
         )
     if refusal is not None:
         return record(
             record_id=change_set_id,
-            outcome=_outcome_for(change_set, Plan(errors=[refusal]), {}, []),
+            outcome=outcome_for(change_set, Plan(errors=[refusal]), {}, []),
         )
 
     # Step 4: read and lock the rows the ops name, then lock the counters of the scopes they
@@ -262,12 +274,12 @@ def apply_change_set(
     changelog = ChangeLog(conn, now)
     rows = changelog.load_rows(touched_keys(ops, registry), lock=True)
     known = {k: r.scope for k, r in rows.items() if r is not None}
-    changelog.lock_scopes(_scopes_to_lock(ops, principal, registry, known))
+    changelog.lock_scopes(scopes_to_lock(ops, principal, registry, known))
 
     # Step 5: the functional core decides.
-    unique_index = _unique_index(conn, ops, rows, principal, registry)
+    holders = unique_index(conn, [(ops, principal)], rows, registry)
     try:
-        plan = plan_change_set(ops, principal, rows, registry, unique_index)
+        plan = plan_change_set(ops, principal, rows, registry, holders)
     except Exception:
         # A bug in the pure core fails the same way on every retry: answering 500 would block
         # the device's queue for good. Reject and keep the change-set for review instead.
@@ -298,31 +310,22 @@ def apply_change_set(
             conflict_id = str(uuid.uuid4())
             conflict_ids.append(conflict_id)
             conn.execute(
-                _INSERT_CONFLICT,
-                {
-                    "id": conflict_id,
-                    "scope": draft.scope,
-                    "entity": draft.entity,
-                    "row_id": draft.id,
-                    "kind": draft.kind,
-                    "device_id": device_id,
-                    "user_id": principal.user_id,
-                    "change_set_id": change_set.id,
-                    "op_index": draft.op_index,
-                    "base_version": draft.base_version,
-                    "server_version": draft.server_version,
-                    "proposed": json.dumps(draft.proposed, sort_keys=True),
-                    "server_state": json.dumps(draft.server_state, sort_keys=True, default=str),
-                    "status": "open",
-                    "created_at": now,
-                },
+                INSERT_CONFLICT,
+                conflict_row(
+                    draft,
+                    conflict_id=conflict_id,
+                    device_id=device_id,
+                    principal=principal,
+                    change_set=change_set,
+                    now=now,
+                ),
             )
         versions = changelog.finish()
 
     # Step 7: record the outcome, in the same transaction as the writes (the device's seq
     # was advanced after step 3).
     return record(
-        record_id=change_set_id, outcome=_outcome_for(change_set, plan, versions, conflict_ids)
+        record_id=change_set_id, outcome=outcome_for(change_set, plan, versions, conflict_ids)
     )
 
 
@@ -348,6 +351,58 @@ def _storable_ops(ops: Sequence[m.Op]) -> bytes:
         return _encode(_beyond_msgpack(msgspec.to_builtins(ops)))
 
 
+def conflict_row(
+    draft: ConflictDraft,
+    *,
+    conflict_id: str,
+    device_id: str,
+    principal: Principal,
+    change_set: m.ChangeSet,
+    now: datetime,
+) -> dict[str, Any]:
+    """The ``conflicts`` row of a conflict the plan flagged (step 6)."""
+    return {
+        "id": conflict_id,
+        "scope": draft.scope,
+        "entity": draft.entity,
+        "row_id": draft.id,
+        "kind": draft.kind,
+        "device_id": device_id,
+        "user_id": principal.user_id,
+        "change_set_id": change_set.id,
+        "op_index": draft.op_index,
+        "base_version": draft.base_version,
+        "server_version": draft.server_version,
+        "proposed": json.dumps(draft.proposed, sort_keys=True),
+        "server_state": json.dumps(draft.server_state, sort_keys=True, default=str),
+        "status": "open",
+        "created_at": now,
+    }
+
+
+def record_row(
+    *,
+    device_id: str,
+    principal: Principal,
+    change_set: m.ChangeSet,
+    record_id: str,
+    outcome: m.Outcome,
+    now: datetime,
+) -> dict[str, Any]:
+    """The ``sync_change_sets`` row storing a change-set's outcome (step 7)."""
+    return {
+        "device_id": device_id,
+        "seq": change_set.seq,
+        "change_set_id": record_id,
+        "user_id": principal.user_id,
+        "status": outcome.status,
+        "outcome": _encode(outcome),
+        "ops": _storable_ops(change_set.ops),
+        "client_created_at": change_set.created_at,
+        "received_at": now,
+    }
+
+
 def _record(
     conn: Connection,
     *,
@@ -360,27 +415,24 @@ def _record(
 ) -> m.Outcome:
     """Step 7: store the outcome (the device's last applied seq was advanced before step 4)."""
     conn.execute(
-        _INSERT_RECORD,
-        {
-            "device_id": device_id,
-            "seq": change_set.seq,
-            "change_set_id": record_id,
-            "user_id": principal.user_id,
-            "status": outcome.status,
-            "outcome": _encode(outcome),
-            "ops": _storable_ops(change_set.ops),
-            "client_created_at": change_set.created_at,
-            "received_at": now,
-        },
+        INSERT_RECORD,
+        record_row(
+            device_id=device_id,
+            principal=principal,
+            change_set=change_set,
+            record_id=record_id,
+            outcome=outcome,
+            now=now,
+        ),
     )
     return outcome
 
 
 # Built once: building (and cache-keying) a statement with its values inlined, per call, cost
 # more CPU than sending it.
-_INSERT_RECORD = insert(sync_change_sets)
-_ADVANCE_DEVICE = update(devices).where(devices.c.id == bindparam("k_device_id"))
-_INSERT_CONFLICT = insert(conflicts)
+INSERT_RECORD = insert(sync_change_sets)
+ADVANCE_DEVICE = update(devices).where(devices.c.id == bindparam("k_device_id"))
+INSERT_CONFLICT = insert(conflicts)
 
 
 def _apply_now(conn: Connection, **kwargs: Any) -> m.Outcome | SeqGap:

@@ -84,23 +84,24 @@ def save(
 
 
 class RecordWriter:
-    """Mirrors a change-set's planned writes into the entities' tables, in as few statements
-    as is safe.
+    """Mirrors planned writes (of one change-set, or of several in one transaction) into the
+    entities' tables, in as few statements as is safe.
 
     Writes go out in plan order, one statement each, except rewrites of existing rows that
     change no unique column (a rename, a new price: most of them). Those cannot collide with
-    any other write of the change-set in a unique index, so their order does not matter: they
-    are held back and sent by :meth:`flush` as one ``UPDATE … SET col = CASE id …`` per table
-    and version. A write that moves a unique value (a new SKU) keeps its place in the order,
-    since a delete, a create and a rename of the same SKU in one change-set must reach the
-    unique index in the order the device made them.
+    any other write in a unique index, so their order does not matter: they are held back and
+    sent by :meth:`flush` as one ``UPDATE … SET col = CASE id …`` per table. A write that
+    moves a unique value (a new SKU) keeps its place in the order, since a delete, a create and
+    a rename of the same SKU must reach the unique index in the order the devices made them.
+    Every image is the row's whole state, so a later write of a row replaces a held one (a
+    held rename followed by a new SKU sends only the second image, which carries both).
     """
 
     def __init__(self, conn: Connection, registry: Registry, now: datetime) -> None:
         self.conn = conn
         self.registry = registry
         self.now = now
-        self._held: dict[tuple[str, int], list[tuple[str, Mapping[str, Any]]]] = {}
+        self._held: dict[tuple[str, str], tuple[int, Mapping[str, Any]]] = {}
 
     def save(
         self,
@@ -116,33 +117,39 @@ class RecordWriter:
             return
         spec = self.registry.entity(entity)
         unique = {name for group in spec.unique for name in group} if spec else set()
+        key = (entity, row_id)
+        # Popped, not overwritten: the dict keeps the order of each row's last write.
+        self._held.pop(key, None)
         if data is not None and not created and unique.isdisjoint(changed):
-            self._held.setdefault((entity, version), []).append((row_id, data))
+            self._held[key] = (version, data)
             return
         save(self.conn, entity, row_id, data, version=version, created=created, now=self.now)
 
     def flush(self) -> None:
-        for (entity, version), rows in self._held.items():
-            _rewrite(self.conn, RECORD_TABLES[entity], rows, version=version, now=self.now)
+        by_entity: dict[str, list[tuple[str, int, Mapping[str, Any]]]] = {}
+        for (entity, row_id), (version, data) in self._held.items():
+            by_entity.setdefault(entity, []).append((row_id, version, data))
         self._held.clear()
+        for entity, rows in by_entity.items():
+            _rewrite(self.conn, RECORD_TABLES[entity], rows, now=self.now)
 
 
 def _rewrite(
     conn: Connection,
     record: RecordTable,
-    rows: Sequence[tuple[str, Mapping[str, Any]]],
+    rows: Sequence[tuple[str, int, Mapping[str, Any]]],
     *,
-    version: int,
     now: datetime,
 ) -> None:
     table = record.table
-    shapes = {tuple(sorted(k for k in data if k in table.c and k != "id")) for _, data in rows}
-    ids = [row_id for row_id, _ in rows]
-    if len(rows) == 1 or len(shapes) != 1 or len(set(ids)) != len(ids):
-        # One row, images of different shapes, or a row twice (neither produced by the
-        # planner, which writes each row's whole last image once): one statement per row,
-        # in order, so the last image wins.
-        for row_id, data in rows:
+    shapes = {
+        tuple(sorted(k for k in data if k in table.c and k not in ("id", "version")))
+        for _, _, data in rows
+    }
+    if len(rows) == 1 or len(shapes) != 1:
+        # One row, or images of different shapes (not produced by the planner, which writes
+        # whole images): one statement per row.
+        for row_id, version, data in rows:
             save(conn, table.name, row_id, data, version=version, created=False, now=now)
         return
     (columns,) = shapes
@@ -154,12 +161,13 @@ def _rewrite(
         chunk = rows[start : start + size]
         start += size
         if size == 1:
-            ((row_id, data),) = chunk
+            ((row_id, version, data),) = chunk
             save(conn, table.name, row_id, data, version=version, created=False, now=now)
             continue
-        params: dict[str, Any] = {"version": version, "updated_at": now}
-        for i, (row_id, data) in enumerate(chunk):
+        params: dict[str, Any] = {"updated_at": now}
+        for i, (row_id, version, data) in enumerate(chunk):
             params[f"id_{i}"] = row_id
+            params[f"version_{i}"] = version
             for name in columns:
                 params[f"{name}_{i}"] = data[name]
         conn.execute(_rewrite_statement(record, columns, size), params)
@@ -172,7 +180,7 @@ _CHUNKS = (32, 16, 8, 4, 2, 1)
 @lru_cache(maxsize=256)
 def _rewrite_statement(record: RecordTable, columns: tuple[str, ...], count: int) -> Update:
     """``UPDATE t SET c = CASE WHEN id = :id_0 THEN :c_0 … END, … WHERE id IN (…)``, built
-    once per (table, columns, number of rows)."""
+    once per (table, columns, number of rows); each row keeps its own version."""
     table = record.table
     ids = [bindparam(f"id_{i}", type_=table.c.id.type) for i in range(count)]
     values: dict[str, Any] = {
@@ -183,9 +191,8 @@ def _rewrite_statement(record: RecordTable, columns: tuple[str, ...], count: int
             ],
             else_=table.c[name],
         )
-        for name in columns
+        for name in (*columns, "version")
     }
-    values["version"] = bindparam("version", type_=table.c.version.type)
     values["updated_at"] = bindparam("updated_at", type_=table.c.updated_at.type)
     return update(table).where(table.c.id.in_(ids)).values(values)
 

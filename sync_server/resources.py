@@ -15,6 +15,9 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
 
+from domain.catalog import default_registry
+
+from .committer import PushCommitter
 from .crypto import FieldCipher
 from .db import create_db_engine
 from .pubsub import PubSub, create_pubsub
@@ -40,6 +43,8 @@ class Resources:
     #: The threads doing pulls (:func:`read_workers` of them): a pull never waits for a
     #: thread behind pushes queued on a contended scope counter.
     read_executor: ThreadPoolExecutor = field(init=False)
+    #: Where pushes wait to be applied, in groups, on ``executor``'s threads.
+    committer: PushCommitter = field(init=False)
     closed: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -49,6 +54,18 @@ class Resources:
         self.read_executor = ThreadPoolExecutor(
             max_workers=read_workers(self.settings), thread_name_prefix="galley-pull"
         )
+        self.committer = PushCommitter(
+            self.engine,
+            self.executor,
+            default_registry(),
+            group_limit=self.settings.push_group_limit,
+            published=self.publish_versions,
+        )
+
+    def publish_versions(self, versions: dict[str, int]) -> None:
+        """Tell listeners (live pulls) that these scopes moved on; only once committed."""
+        for scope, version in versions.items():
+            self.pubsub.publish(f"galley:scope:{scope}", str(version).encode())
 
     async def run_blocking(self, fn: Callable[[], T], *, read: bool = False) -> T:
         """Run the blocking work of a /sync/v1 request (database, Redis) on one of

@@ -52,6 +52,9 @@ class Settings:
     #: /sync/v1 writes (push, registration) whose blocking work runs at once per process, in
     #: threads; pulls get half as many threads of their own (see Resources.run_blocking).
     db_workers: int = 8
+    #: Change-sets of concurrent small pushes applied in one transaction (group commit, see
+    #: sync_server.push_group); 0 applies every push alone.
+    push_group_limit: int = 64
     #: Requests to /sync/v1 per user (``limits`` notation); None: unlimited.
     sync_rate_limit: str | None = "1200/minute"
     trust_proxy_headers: bool = False
@@ -149,6 +152,9 @@ def load_settings(
     db_workers = _int(source, "GALLEY_DB_WORKERS", 8)
     if db_workers < 1:
         raise SettingsError(f"GALLEY_DB_WORKERS must be at least 1, got {db_workers}")
+    push_group_limit = _int(source, "GALLEY_PUSH_GROUP_LIMIT", 64)
+    if push_group_limit < 0:
+        raise SettingsError(f"GALLEY_PUSH_GROUP_LIMIT must be 0 or more, got {push_group_limit}")
 
     return Settings(
         env=env,
@@ -169,6 +175,7 @@ def load_settings(
         tombstone_retention_days=_int(source, "GALLEY_TOMBSTONE_RETENTION_DAYS", 30),
         max_request_bytes=_int(source, "GALLEY_MAX_REQUEST_BYTES", 5 * 1024 * 1024),
         db_workers=db_workers,
+        push_group_limit=push_group_limit,
         sync_rate_limit=sync_rate_limit,
         trust_proxy_headers=_bool(source.get("GALLEY_TRUST_PROXY_HEADERS")),
         log_level=(source.get("GALLEY_LOG_LEVEL") or "INFO").upper(),

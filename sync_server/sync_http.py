@@ -7,9 +7,11 @@ blocks on the database), encode the answer in the representation the client aske
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import msgspec
+from sqlalchemy.engine import Connection
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -24,7 +26,7 @@ from .db import read_transaction, run_in_transaction
 from .directory import DeviceOwnedElsewhere, DeviceRefused, register_device
 from .errors import ApiError
 from .pull import PullOut, ResetRequired, pull, visible_scopes
-from .push import PushResult, push
+from .push_group import PushUnit
 from .ratelimit import limiter_for
 from .resources import Resources
 
@@ -211,26 +213,19 @@ async def push_endpoint(request: Request) -> Response:
     message, response_type = await _decode(request, m.PushRequest)
     resources: Resources = request.app.state.resources
 
-    def work() -> PushResult:
-        # One connection, one thread hop: the user's current state is read in the first
-        # change-set's transaction, the device is checked under its row lock (push step 1).
-        _throttle(resources, claims.user_id)
-        with resources.engine.connect() as conn:
-            identity = load_identity(conn, claims)
-            result = push(
-                conn,
-                device_id=message.device_id.lower(),
-                principal=Principal(identity.user_id, identity.role, identity.branch_ids),
-                change_sets=message.change_sets,
-                registry=REGISTRY,
-            )
-        # Tell listeners (live pulls) that the scopes moved on, once committed.
-        for scope, version in result.versions.items():
-            resources.pubsub.publish(f"galley:scope:{scope}", str(version).encode())
-        return result
+    def identify(conn: Connection) -> Principal:
+        # Read in the transaction that applies the push: the user's current state (deactivated,
+        # signed out) decides, without a round trip of its own.
+        identity = load_identity(conn, claims)
+        return Principal(identity.user_id, identity.role, identity.branch_ids)
 
+    # Applied with the pushes of other devices waiting at the same time (group commit); the
+    # device is checked under its row lock (push step 1).
+    unit = PushUnit(message.device_id.lower(), message.change_sets, identify)
     try:
-        result = await _run(request, work)
+        result = await resources.committer.push(
+            unit, admit=partial(_throttle, resources, claims.user_id)
+        )
     except DeviceRefused as exc:
         raise _device_refused(unregistered=exc.unregistered) from None
     error = None

@@ -1,0 +1,360 @@
+"""Group commit: the change-sets of several concurrent pushes applied in one transaction.
+
+Devices of a branch push at the same time, and every change-set of the branch queues on the
+branch's scope counter (``sync_server.changelog``): applied one transaction at a time, each pays
+the whole fixed cost of a transaction (locks, counter, log, outcome, commit: ~13 statements)
+for a handful of rows. :func:`push_group` takes the pushes that are waiting (``PushUnit``, one
+per request) and applies them in **one** transaction, in order, as if one after another:
+
+* each change-set is still all-or-nothing together with its device's seq and its stored
+  outcome (they commit or roll back with the group), is planned against the rows as the
+  change-sets before it in the group left them, and gets a version of its own in each scope it
+  writes (so pull pages never split it, and version order is still commit order);
+* the statements are shared: one lock statement for all the devices, one for all the rows, one
+  per scope counter, one query per entity and scope for unique values, and multi-row writes;
+* replays, seq gaps, refused devices and rejected change-sets are answered exactly as by
+  :func:`sync_server.push.push` (same outcomes, same errors);
+* when the database refuses the group (a constraint, a row created meanwhile by another
+  process, a change-set id already used) or anything unexpected happens, the group is rolled
+  back whole and every push runs again alone through :func:`sync_server.push.push`, whose
+  retries and rejections handle those cases one change-set at a time. Nothing of the failed
+  group was committed, so nothing is applied twice.
+
+A group holds only small pushes (see ``sync_server.committer``): a device's backlog goes
+through ``push`` as before, one transaction per change-set.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import Any
+
+import msgspec
+from sqlalchemy import bindparam, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+
+from conflict.planner import OpIssue, Plan, plan_change_set, touched_keys
+from domain.ops import Op, Principal, RowState
+from domain.registry import Registry
+from sync_protocol import messages as m
+
+from .changelog import ChangeLog, ScopeNotLocked
+from .db import transact
+from .directory import DeviceRefused, utcnow
+from .push import (
+    ADVANCE_DEVICE,
+    INSERT_CONFLICT,
+    INSERT_RECORD,
+    PushResult,
+    SeqGap,
+    conflict_row,
+    device_principal,
+    outcome_for,
+    push,
+    record_row,
+    scopes_to_lock,
+    stored_outcome,
+    to_domain_op,
+    unique_index,
+)
+from .records import RecordWriter
+from .tables import devices
+
+log = logging.getLogger("galley.push")
+
+
+@dataclass
+class PushUnit:
+    """One push request waiting to be applied."""
+
+    device_id: str
+    change_sets: Sequence[m.ChangeSet]
+    #: Who is pushing, read in the group's transaction (raises to refuse the request: its
+    #: exception becomes the unit's result, the other units go on).
+    identify: Callable[[Connection], Principal]
+
+
+#: A unit's answer: its result, or the exception that refused it (nothing of it applied).
+UnitResult = PushResult | Exception
+
+_LOCK_DEVICES = (
+    select(
+        devices.c.id,
+        devices.c.last_applied_seq,
+        devices.c.user_id,
+        devices.c.branch_id,
+        devices.c.revoked_at,
+    )
+    .where(devices.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(devices.c.id)
+    .with_for_update()
+)
+
+
+@dataclass
+class _Apply:
+    """A change-set of the group to plan and write."""
+
+    unit: int
+    device_id: str
+    principal: Principal
+    change_set: m.ChangeSet
+    ops: list[Op]
+    outcome: m.Outcome | None = None
+
+
+@dataclass
+class _ReplayOf:
+    """A copy of a change-set taken earlier in the group (a retry racing its original)."""
+
+    entry: _Apply
+
+
+@dataclass
+class _UnitPlan:
+    """What the group does for one unit, in the unit's order: outcomes (replays answered
+    directly, applied change-sets filled in after planning), where it stopped."""
+
+    entries: list[m.Outcome | _Apply | _ReplayOf] = field(default_factory=list)
+    gap: SeqGap | None = None
+    last_applied: int = 0
+
+
+def push_group(
+    conn: Connection, units: Sequence[PushUnit], *, registry: Registry
+) -> list[UnitResult]:
+    """Apply ``units`` in order in one transaction; their results, in the same order.
+
+    Falls back to one :func:`push` per unit when the group as a whole cannot be committed
+    (see the module docstring). Errors that are not about the group (the database is gone)
+    are raised: none of the units was applied.
+    """
+    try:
+        return transact(conn, partial(_apply_group_now, units=units, registry=registry))
+    except (IntegrityError, DataError, ScopeNotLocked) as exc:
+        log.info("group of %d pushes refused (%s): applying them one by one", len(units), exc)
+    except DBAPIError:
+        raise
+    except Exception:
+        # A bug here must not cost the devices their writes: the proven path takes over.
+        log.exception("group of %d pushes failed: applying them one by one", len(units))
+    return [push_alone(conn, unit, registry) for unit in units]
+
+
+def push_alone(conn: Connection, unit: PushUnit, registry: Registry) -> UnitResult:
+    try:
+        principal = unit.identify(conn)
+        return push(
+            conn,
+            device_id=unit.device_id,
+            principal=principal,
+            change_sets=unit.change_sets,
+            registry=registry,
+        )
+    except DBAPIError:
+        raise
+    except Exception as exc:
+        if conn.in_transaction():
+            conn.rollback()
+        return exc
+
+
+def _apply_group_now(conn: Connection, *, units: Sequence[PushUnit], registry: Registry) -> Any:
+    # utcnow() inside the attempt: a retried transaction records its own time.
+    return _apply_group(conn, units, registry, utcnow())
+
+
+def _apply_group(
+    conn: Connection, units: Sequence[PushUnit], registry: Registry, now: datetime
+) -> list[UnitResult]:
+    results: list[UnitResult | None] = [None] * len(units)
+
+    # Who is pushing (each unit's own 401s), then step 1 for every device at once: one
+    # locking read, in key order like any other writer's.
+    users: dict[int, Principal] = {}
+    for i, unit in enumerate(units):
+        try:
+            users[i] = unit.identify(conn)
+        except DBAPIError:
+            raise
+        except Exception as exc:
+            results[i] = exc
+    wanted = sorted({units[i].device_id for i in users})
+    found = {r.id: r for r in conn.execute(_LOCK_DEVICES, {"ids": wanted})} if wanted else {}
+
+    # Steps 2 and 3 per unit, in order: the device's seq moves in memory as its change-sets
+    # are taken, so a copy of a change-set later in the group is a replay of the first.
+    last = {device_id: int(row.last_applied_seq) for device_id, row in found.items()}
+    taken: dict[tuple[str, int], _Apply] = {}
+    plans: dict[int, _UnitPlan] = {}
+    to_apply: list[_Apply] = []
+    for i, user in users.items():
+        unit = units[i]
+        row = found.get(unit.device_id)
+        try:
+            if row is None:
+                raise DeviceRefused(unregistered=True)
+            principal = device_principal(user, row)
+        except DeviceRefused as exc:
+            results[i] = exc
+            continue
+        plan = plans[i] = _UnitPlan()
+        for change_set in unit.change_sets:
+            seq = last[unit.device_id]
+            if change_set.seq <= seq:
+                earlier = taken.get((unit.device_id, change_set.seq))
+                plan.entries.append(
+                    _ReplayOf(earlier)
+                    if earlier is not None
+                    else stored_outcome(conn, unit.device_id, change_set.seq)
+                )
+                continue
+            if change_set.seq != seq + 1:
+                plan.gap = SeqGap(expected=seq + 1)
+                break
+            ops = [to_domain_op(op, registry) for op in change_set.ops]
+            entry = _Apply(i, unit.device_id, principal, change_set, ops)
+            taken[(unit.device_id, change_set.seq)] = entry
+            to_apply.append(entry)
+            plan.entries.append(entry)
+            last[unit.device_id] = change_set.seq
+        plan.last_applied = last[unit.device_id]
+
+    if to_apply:
+        _write(conn, to_apply, registry, now)
+        # Step 7 for the devices: their new last applied seq.
+        moved = {e.device_id: last[e.device_id] for e in to_apply}
+        conn.execute(
+            ADVANCE_DEVICE,
+            [
+                {"k_device_id": device_id, "last_applied_seq": seq, "last_seen_at": now}
+                for device_id, seq in sorted(moved.items())
+            ],
+        )
+
+    for i, plan in plans.items():
+        outcomes: list[m.Outcome] = []
+        versions: dict[str, int] = {}
+        for item in plan.entries:
+            if isinstance(item, m.Outcome):
+                outcomes.append(item)
+                continue
+            if isinstance(item, _ReplayOf):
+                assert item.entry.outcome is not None
+                outcomes.append(msgspec.structs.replace(item.entry.outcome, replayed=True))
+                continue
+            assert item.outcome is not None
+            outcomes.append(item.outcome)
+            for scope, version in item.outcome.versions.items():
+                versions[scope] = max(versions.get(scope, 0), version)
+        results[i] = PushResult(outcomes, plan.last_applied, plan.gap, versions)
+    assert all(r is not None for r in results)
+    return [r for r in results if r is not None]
+
+
+def _write(conn: Connection, group: Sequence[_Apply], registry: Registry, now: datetime) -> None:
+    """Steps 4 to 7 for every change-set of the group, in order."""
+    # Step 4: lock every row the group names, then every scope counter it writes (sorted).
+    keys = list(dict.fromkeys(k for e in group for k in touched_keys(e.ops, registry)))
+    changelog = ChangeLog(conn, now)
+    rows = changelog.load_rows(keys, lock=True)
+    known = {k: r.scope for k, r in rows.items() if r is not None}
+    scopes: set[str] = set()
+    for entry in group:
+        scopes |= scopes_to_lock(entry.ops, entry.principal, registry, known)
+    changelog.lock_scopes(scopes)
+    holders = unique_index(conn, [(e.ops, e.principal) for e in group], rows, registry)
+
+    records = RecordWriter(conn, registry, now)
+    outcome_rows: list[dict[str, Any]] = []
+    conflict_rows: list[dict[str, Any]] = []
+    for entry in group:
+        # Step 5, over the rows as the change-sets before this one left them.
+        current = changelog.current(touched_keys(entry.ops, registry))
+        try:
+            plan = plan_change_set(entry.ops, entry.principal, current, registry, holders)
+        except Exception:
+            log.exception(
+                "planning change-set %s of device %s failed", entry.change_set.id, entry.device_id
+            )
+            plan = Plan(
+                errors=[OpIssue(-1, "server_error", "the server could not process this change-set")]
+            )
+        # Step 6.
+        conflict_ids: list[str] = []
+        versions: dict[str, int] = {}
+        if not plan.rejected:
+            for write in plan.writes.values():
+                version = changelog.write(
+                    write.entity, write.id, write.scope, write.data, write.changed
+                )
+                records.save(
+                    write.entity,
+                    write.id,
+                    write.data,
+                    version=version,
+                    created=write.created,
+                    changed=write.changed,
+                )
+            _move_holders(holders, plan, current, registry)
+            for draft in plan.conflicts:
+                conflict_id = str(uuid.uuid4())
+                conflict_ids.append(conflict_id)
+                conflict_rows.append(
+                    conflict_row(
+                        draft,
+                        conflict_id=conflict_id,
+                        device_id=entry.device_id,
+                        principal=entry.principal,
+                        change_set=entry.change_set,
+                        now=now,
+                    )
+                )
+            versions = changelog.seal()
+        entry.outcome = outcome_for(entry.change_set, plan, versions, conflict_ids)
+        outcome_rows.append(
+            record_row(
+                device_id=entry.device_id,
+                principal=entry.principal,
+                change_set=entry.change_set,
+                record_id=entry.change_set.id.lower(),
+                outcome=entry.outcome,
+                now=now,
+            )
+        )
+    records.flush()
+    changelog.finish()
+    # Step 7: the outcomes (before the conflicts, which name their change-sets).
+    conn.execute(INSERT_RECORD, outcome_rows)
+    if conflict_rows:
+        conn.execute(INSERT_CONFLICT, conflict_rows)
+
+
+def _move_holders(
+    holders: dict[Any, str],
+    plan: Plan,
+    before: Mapping[tuple[str, str], RowState | None],
+    registry: Registry,
+) -> None:
+    """Keep the unique-value index true for the next change-set of the group: the values a
+    write releases leave it, the values it takes join it (as ``unique_holders`` keys them)."""
+    for write in plan.writes.values():
+        spec = registry.entity(write.entity)
+        if spec is None or not spec.unique:
+            continue
+        old = before.get((write.entity, write.id))
+        for group in spec.unique:
+            if old is not None and not old.deleted and all(n in old.data for n in group):
+                key = (spec.name, write.scope, group, tuple(old.data[n] for n in group))
+                if holders.get(key) == write.id:
+                    del holders[key]
+            if write.data is not None and all(n in write.data for n in group):
+                holders[(spec.name, write.scope, group, tuple(write.data[n] for n in group))] = (
+                    write.id
+                )
