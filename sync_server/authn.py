@@ -7,9 +7,9 @@ password change, deactivation), is refused at once rather than when the token ex
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection
@@ -19,9 +19,11 @@ from domain.roles import Role, parse_role
 
 from .account_tables import refresh_tokens
 from .errors import ApiError
-from .resources import Resources
 from .tables import branches, user_branches, users
 from .tokens import AccessClaims, InvalidToken
+
+if TYPE_CHECKING:
+    from .resources import Resources
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,60 @@ _IDENTITY = (
     .where(users.c.id == bindparam("user_id"))
 )
 _ALL_BRANCHES = select(branches.c.id)
+#: Several users at once (:func:`load_identities`), and which of their tokens' sessions ended.
+_IDENTITIES = (
+    select(
+        users.c.id,
+        users.c.role,
+        users.c.display_name,
+        users.c.is_active,
+        users.c.token_epoch,
+        user_branches.c.branch_id,
+    )
+    .select_from(users.outerjoin(user_branches, user_branches.c.user_id == users.c.id))
+    .where(users.c.id.in_(bindparam("user_ids", expanding=True)))
+)
+_SIGNED_OUT_AMONG = select(refresh_tokens.c.access_jti).where(
+    refresh_tokens.c.access_jti.in_(bindparam("jtis", expanding=True)),
+    refresh_tokens.c.revoked_at.is_not(None),
+)
 
 
 def load_identity(conn: Connection, claims: AccessClaims) -> Identity:
     """Resolve verified ``claims`` to the user's current identity, or raise a 401."""
     rows = conn.execute(_IDENTITY, {"user_id": claims.user_id, "jti": claims.token_id}).all()
+    return _identity(conn, claims, rows, signed_out=bool(rows and rows[0].signed_out))
+
+
+def load_identities(conn: Connection, claims: Sequence[AccessClaims]) -> list[Identity | ApiError]:
+    """:func:`load_identity` for several requests at once (a group of pushes), in two
+    statements whatever their number: each request's identity, or the 401 refusing it."""
+    if len(claims) == 1:
+        try:
+            return [load_identity(conn, claims[0])]
+        except ApiError as exc:
+            return [exc]
+    rows_of: dict[str, list[Any]] = {}
+    user_ids = sorted({c.user_id for c in claims})
+    for row in conn.execute(_IDENTITIES, {"user_ids": user_ids}):
+        rows_of.setdefault(row.id, []).append(row)
+    signed_out = set(
+        conn.execute(_SIGNED_OUT_AMONG, {"jtis": sorted({c.token_id for c in claims})}).scalars()
+    )
+    found: list[Identity | ApiError] = []
+    for c in claims:
+        try:
+            found.append(
+                _identity(conn, c, rows_of.get(c.user_id, []), signed_out=c.token_id in signed_out)
+            )
+        except ApiError as exc:
+            found.append(exc)
+    return found
+
+
+def _identity(
+    conn: Connection, claims: AccessClaims, rows: Sequence[Any], *, signed_out: bool
+) -> Identity:
     if not rows or not rows[0].is_active:
         raise _unauthenticated("This account is not active.")
     row = rows[0]
@@ -82,7 +133,7 @@ def load_identity(conn: Connection, claims: AccessClaims) -> Identity:
         raise _unauthenticated("This token has been revoked; sign in again.")
     # An access token issued with a refresh token dies with its session (logout, refresh-token
     # reuse), not 15 minutes later. Tokens minted outside a session (CLI) have no row.
-    if row.signed_out:
+    if signed_out:
         raise _unauthenticated("This session has been signed out; sign in again.")
     role = parse_role(row.role)
     if role is Role.ADMIN:

@@ -26,13 +26,14 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import bindparam, insert, select, tuple_, update
+from sqlalchemy import bindparam, insert, select, tuple_
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Connection
 
 from domain.ops import RowState
 from sync_protocol.checksums import MOD, row_checksum
 
+from .bulk import update_rows
 from .tables import sync_rows, sync_scopes
 
 Key = tuple[str, str]
@@ -75,15 +76,16 @@ _REWRITE_ROWS = {
         set_={name: _sqlite_upsert.excluded[name] for name in _REWRITTEN},
     ),
 }
-_UPDATE_SCOPE = update(sync_scopes).where(sync_scopes.c.scope == bindparam("k_scope"))
-_LOCK_SCOPE = (
+_LOCK_SCOPES = (
     select(
+        sync_scopes.c.scope,
         sync_scopes.c.version,
         sync_scopes.c.horizon,
         sync_scopes.c.row_count,
         sync_scopes.c.checksum,
     )
-    .where(sync_scopes.c.scope == bindparam("k_scope"))
+    .where(sync_scopes.c.scope.in_(bindparam("scopes", expanding=True)))
+    .order_by(sync_scopes.c.scope)
     .with_for_update()
 )
 _ROW_COLUMNS = select(
@@ -131,23 +133,32 @@ class ChangeLog:
     # Step 1 --------------------------------------------------------------------------------
     def lock_scopes(self, scopes: Iterable[str]) -> dict[str, ScopeHead]:
         """Lock the counters of ``scopes`` (sorted order; created on first use)."""
-        for scope in sorted(set(scopes) - set(self.heads)):
-            if self.heads and scope < max(self.heads):
-                # Locking out of order could deadlock against a transaction doing it in order.
-                raise ScopeNotLocked(f"scope {scope} must be locked before {max(self.heads)}")
-            head = self._select_for_update(scope)
-            if head is None:
+        wanted = sorted(set(scopes) - set(self.heads))
+        if not wanted:
+            return self.heads
+        if self.heads and wanted[0] < max(self.heads):
+            # Locking out of order could deadlock against a transaction doing it in order.
+            raise ScopeNotLocked(f"scope {wanted[0]} must be locked before {max(self.heads)}")
+        # One statement for all of them: InnoDB locks the rows as it walks the primary key,
+        # in sorted order, as separate statements would.
+        heads = self._select_for_update(wanted)
+        missing = [scope for scope in wanted if scope not in heads]
+        if missing:
+            # A scope's first writer creates its counter. It may then hold a later scope's lock
+            # while creating an earlier one: a deadlock with another first writer is possible,
+            # detected by the database and retried (``transact``); it happens once per scope.
+            for scope in missing:
                 self._create_scope(scope)
-                head = self._select_for_update(scope)
-                assert head is not None
-            self.heads[scope] = head
+            heads.update(self._select_for_update(missing))
+        for scope in wanted:
+            self.heads[scope] = heads[scope]
         return self.heads
 
-    def _select_for_update(self, scope: str) -> ScopeHead | None:
-        row = self.conn.execute(_LOCK_SCOPE, {"k_scope": scope}).first()
-        if row is None:
-            return None
-        return ScopeHead(scope, row.version, row.horizon, row.row_count, row.checksum)
+    def _select_for_update(self, scopes: list[str]) -> dict[str, ScopeHead]:
+        return {
+            row.scope: ScopeHead(row.scope, row.version, row.horizon, row.row_count, row.checksum)
+            for row in self.conn.execute(_LOCK_SCOPES, {"scopes": scopes})
+        }
 
     def _create_scope(self, scope: str) -> None:
         # INSERT IGNORE / OR IGNORE: two first writers may race to create the counter.
@@ -284,18 +295,22 @@ class ChangeLog:
         written since the last :meth:`seal` (scopes written only)."""
         self.flush()
         written = self.seal()
-        for head in self.heads.values():
-            if not head.advanced:
-                continue
-            self.conn.execute(
-                _UPDATE_SCOPE,
+        advanced = [head for head in self.heads.values() if head.advanced]
+        update_rows(
+            self.conn,
+            sync_scopes,
+            "scope",
+            [
                 {
-                    "k_scope": head.scope,
+                    "scope": head.scope,
                     "version": head.version,
                     "row_count": head.row_count,
                     "checksum": head.checksum,
-                },
-            )
+                }
+                for head in advanced
+            ],
+        )
+        for head in advanced:
             head.advanced = False
         return written
 

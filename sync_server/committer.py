@@ -28,19 +28,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
+from domain.ops import Principal
 from domain.registry import Registry
 
+from .authn import load_identities
 from .push import PushResult
 from .push_group import PushUnit, UnitResult, push_alone, push_group
+from .tokens import AccessClaims
 
 log = logging.getLogger("galley.push")
 
 #: Ops in one group, at most: a group's transaction stays short however many pushes wait.
 MAX_GROUP_OPS = 1_000
-#: Devices whose lane is remembered, at most (the memory is forgotten past it: only speed).
-_MAX_REMEMBERED = 100_000
 
 
 @dataclass
@@ -55,7 +56,7 @@ class _Waiting:
 
 
 class PushCommitter:
-    """Applies push requests in groups, on the sync threads (see the module docstring)."""
+    """Applies push requests in groups, on a sync thread (see the module docstring)."""
 
     def __init__(
         self,
@@ -72,9 +73,8 @@ class PushCommitter:
         self._group_limit = group_limit
         self._published = published
         self._guard = threading.Lock()
-        self._lanes: dict[str, deque[_Waiting]] = {}
-        self._draining: set[str] = set()
-        self._lane_of: dict[str, str] = {}
+        self._queue: deque[_Waiting] = deque()
+        self._draining = False
 
     async def push(self, unit: PushUnit, *, admit: Callable[[], None]) -> PushResult:
         """Queue ``unit`` and wait for its result (or the exception that refused it)."""
@@ -87,63 +87,57 @@ class PushCommitter:
             len(unit.change_sets),
             sum(len(cs.ops) for cs in unit.change_sets),
         )
-        lane = self._lane_of.get(unit.device_id, "")
         with self._guard:
-            self._lanes.setdefault(lane, deque()).append(waiting)
-            start = lane not in self._draining
-            self._draining.add(lane)
+            self._queue.append(waiting)
+            start = not self._draining
+            self._draining = True
         if start:
-            self._schedule(lane)
+            self._schedule()
         return await waiting.future
 
     def _groupable(self, waiting: _Waiting) -> bool:
         return waiting.change_sets <= self._group_limit and waiting.ops <= MAX_GROUP_OPS
 
-    def _schedule(self, lane: str) -> None:
+    def _schedule(self) -> None:
         try:
-            self._executor.submit(self._drain, lane)
+            self._executor.submit(self._drain)
         except RuntimeError:  # shutting down: the executor takes nothing new
-            self._fail_lane(lane, RuntimeError("the server is shutting down"))
+            with self._guard:
+                waiting = list(self._queue)
+                self._queue.clear()
+                self._draining = False
+            for w in waiting:
+                _settle(w, RuntimeError("the server is shutting down"))
 
-    def _fail_lane(self, lane: str, exc: Exception) -> None:
-        with self._guard:
-            waiting = list(self._lanes.pop(lane, ()))
-            self._draining.discard(lane)
-        for w in waiting:
-            _settle(w, exc)
-
-    def _take(self, lane: str) -> list[_Waiting]:
-        """The next group of ``lane`` (called with the guard held)."""
-        queue = self._lanes[lane]
-        first = queue.popleft()
+    def _take(self) -> list[_Waiting]:
+        """The next group (called with the guard held)."""
+        first = self._queue.popleft()
         group = [first]
         if not self._groupable(first):
             return group
         change_sets, ops = first.change_sets, first.ops
-        while queue and self._groupable(queue[0]):
-            nxt = queue[0]
+        while self._queue and self._groupable(self._queue[0]):
+            nxt = self._queue[0]
             if change_sets + nxt.change_sets > self._group_limit or ops + nxt.ops > MAX_GROUP_OPS:
                 break
-            group.append(queue.popleft())
+            group.append(self._queue.popleft())
             change_sets += nxt.change_sets
             ops += nxt.ops
         return group
 
-    def _drain(self, lane: str) -> None:
-        """One group of ``lane``; the next one is scheduled behind other lanes' work."""
+    def _drain(self) -> None:
+        """Apply one group; the next one is scheduled behind the other work of the threads."""
         with self._guard:
-            group = self._take(lane) if self._lanes.get(lane) else []
+            group = self._take() if self._queue else []
         try:
             if group:
                 self._apply(group)
         finally:
             with self._guard:
-                more = bool(self._lanes.get(lane))
-                if not more:
-                    self._lanes.pop(lane, None)
-                    self._draining.discard(lane)
+                more = bool(self._queue)
+                self._draining = more
             if more:
-                self._schedule(lane)
+                self._schedule()
 
     def _apply(self, group: Sequence[_Waiting]) -> None:
         admitted: list[_Waiting] = []
@@ -160,27 +154,31 @@ class PushCommitter:
         try:
             with self._engine.connect() as conn:
                 if len(admitted) == 1 and not self._groupable(admitted[0]):
-                    results: list[UnitResult] = [push_alone(conn, units[0], self._registry)]
+                    results: list[UnitResult] = [
+                        push_alone(conn, units[0], registry=self._registry, identify=principals)
+                    ]
                 else:
-                    results = push_group(conn, units, registry=self._registry)
+                    results = push_group(conn, units, registry=self._registry, identify=principals)
         except Exception as exc:  # the database is unreachable, say: every unit fails with it
             for w in admitted:
                 _settle(w, exc)
             return
         versions: dict[str, int] = {}
         for w, result in zip(admitted, results, strict=True):
-            if isinstance(result, PushResult) and result.versions:
-                self._remember(w.unit.device_id, result.versions)
+            if isinstance(result, PushResult):
                 for scope, version in result.versions.items():
                     versions[scope] = max(versions.get(scope, 0), version)
             _settle(w, result)
         if versions:
             self._published(versions)
 
-    def _remember(self, device_id: str, versions: dict[str, int]) -> None:
-        if len(self._lane_of) >= _MAX_REMEMBERED:
-            self._lane_of.clear()
-        self._lane_of[device_id] = " ".join(sorted(versions))
+
+def principals(conn: Connection, claims: Sequence[AccessClaims]) -> list[Principal | Exception]:
+    """Who is pushing, for each unit's token claims: the user as the database says now."""
+    return [
+        who if isinstance(who, Exception) else Principal(who.user_id, who.role, who.branch_ids)
+        for who in load_identities(conn, claims)
+    ]
 
 
 def _settle(waiting: _Waiting, result: UnitResult) -> None:

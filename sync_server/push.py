@@ -37,7 +37,7 @@ from sync_protocol import messages as m
 from .changelog import ChangeLog, ScopeNotLocked
 from .db import transact
 from .directory import DeviceRefused, utcnow
-from .records import RecordWriter, unique_holders
+from .records import RecordWriter, unique_holders_by_scope
 from .tables import conflicts, devices, sync_change_sets
 
 log = logging.getLogger("galley.push")
@@ -103,7 +103,7 @@ def unique_index(
     registry: Registry,
 ) -> dict[Any, str]:
     """Who holds, in the system of record, each unique value the ops of ``change_sets`` (each
-    with the principal writing it) want to write: one query per entity and scope."""
+    with the principal writing it) want to write: one query per entity and unique group."""
     wanted: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
     for ops, principal in change_sets:
         for op in ops:
@@ -124,11 +124,14 @@ def unique_index(
                 for group in spec.unique
                 if all(n in op.fields for n in group)
             )
-    index: dict[Any, str] = {}
+    by_entity: dict[str, dict[str, list[tuple[Any, ...]]]] = {}
     for (entity, scope), candidates in wanted.items():
+        by_entity.setdefault(entity, {})[scope] = candidates
+    index: dict[Any, str] = {}
+    for entity, by_scope in by_entity.items():
         spec = registry.entity(entity)
         assert spec is not None
-        index.update(unique_holders(conn, spec, scope, candidates))
+        index.update(unique_holders_by_scope(conn, spec, by_scope))
     return index
 
 

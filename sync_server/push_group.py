@@ -44,11 +44,11 @@ from domain.ops import Op, Principal, RowState
 from domain.registry import Registry
 from sync_protocol import messages as m
 
+from .bulk import update_rows
 from .changelog import ChangeLog, ScopeNotLocked
 from .db import transact
 from .directory import DeviceRefused, utcnow
 from .push import (
-    ADVANCE_DEVICE,
     INSERT_CONFLICT,
     INSERT_RECORD,
     PushResult,
@@ -75,13 +75,15 @@ class PushUnit:
 
     device_id: str
     change_sets: Sequence[m.ChangeSet]
-    #: Who is pushing, read in the group's transaction (raises to refuse the request: its
-    #: exception becomes the unit's result, the other units go on).
-    identify: Callable[[Connection], Principal]
+    #: Who says they are pushing (verified token claims), for ``Identify``.
+    credentials: Any
 
 
 #: A unit's answer: its result, or the exception that refused it (nothing of it applied).
 UnitResult = PushResult | Exception
+#: Who is pushing, for the credentials of several units, read in the transaction that applies
+#: them: the user as the database says now, or the exception refusing that unit (a 401).
+Identify = Callable[[Connection, Sequence[Any]], Sequence[Principal | Exception]]
 
 _LOCK_DEVICES = (
     select(
@@ -127,7 +129,7 @@ class _UnitPlan:
 
 
 def push_group(
-    conn: Connection, units: Sequence[PushUnit], *, registry: Registry
+    conn: Connection, units: Sequence[PushUnit], *, registry: Registry, identify: Identify
 ) -> list[UnitResult]:
     """Apply ``units`` in order in one transaction; their results, in the same order.
 
@@ -136,7 +138,9 @@ def push_group(
     are raised: none of the units was applied.
     """
     try:
-        return transact(conn, partial(_apply_group_now, units=units, registry=registry))
+        return transact(
+            conn, partial(_apply_group_now, units=units, registry=registry, identify=identify)
+        )
     except (IntegrityError, DataError, ScopeNotLocked) as exc:
         log.info("group of %d pushes refused (%s): applying them one by one", len(units), exc)
     except DBAPIError:
@@ -144,12 +148,17 @@ def push_group(
     except Exception:
         # A bug here must not cost the devices their writes: the proven path takes over.
         log.exception("group of %d pushes failed: applying them one by one", len(units))
-    return [push_alone(conn, unit, registry) for unit in units]
+    return [push_alone(conn, unit, registry=registry, identify=identify) for unit in units]
 
 
-def push_alone(conn: Connection, unit: PushUnit, registry: Registry) -> UnitResult:
+def push_alone(
+    conn: Connection, unit: PushUnit, *, registry: Registry, identify: Identify
+) -> UnitResult:
+    """``unit`` applied by :func:`push`, one transaction per change-set."""
     try:
-        principal = unit.identify(conn)
+        (principal,) = identify(conn, [unit.credentials])
+        if isinstance(principal, Exception):
+            raise principal
         return push(
             conn,
             device_id=unit.device_id,
@@ -165,26 +174,30 @@ def push_alone(conn: Connection, unit: PushUnit, registry: Registry) -> UnitResu
         return exc
 
 
-def _apply_group_now(conn: Connection, *, units: Sequence[PushUnit], registry: Registry) -> Any:
+def _apply_group_now(
+    conn: Connection, *, units: Sequence[PushUnit], registry: Registry, identify: Identify
+) -> Any:
     # utcnow() inside the attempt: a retried transaction records its own time.
-    return _apply_group(conn, units, registry, utcnow())
+    return _apply_group(conn, units, registry, identify, utcnow())
 
 
 def _apply_group(
-    conn: Connection, units: Sequence[PushUnit], registry: Registry, now: datetime
+    conn: Connection,
+    units: Sequence[PushUnit],
+    registry: Registry,
+    identify: Identify,
+    now: datetime,
 ) -> list[UnitResult]:
     results: list[UnitResult | None] = [None] * len(units)
 
     # Who is pushing (each unit's own 401s), then step 1 for every device at once: one
     # locking read, in key order like any other writer's.
     users: dict[int, Principal] = {}
-    for i, unit in enumerate(units):
-        try:
-            users[i] = unit.identify(conn)
-        except DBAPIError:
-            raise
-        except Exception as exc:
-            results[i] = exc
+    for i, who in enumerate(identify(conn, [u.credentials for u in units])):
+        if isinstance(who, Exception):
+            results[i] = who
+        else:
+            users[i] = who
     wanted = sorted({units[i].device_id for i in users})
     found = {r.id: r for r in conn.execute(_LOCK_DEVICES, {"ids": wanted})} if wanted else {}
 
@@ -230,12 +243,12 @@ def _apply_group(
         _write(conn, to_apply, registry, now)
         # Step 7 for the devices: their new last applied seq.
         moved = {e.device_id: last[e.device_id] for e in to_apply}
-        conn.execute(
-            ADVANCE_DEVICE,
-            [
-                {"k_device_id": device_id, "last_applied_seq": seq, "last_seen_at": now}
-                for device_id, seq in sorted(moved.items())
-            ],
+        update_rows(
+            conn,
+            devices,
+            "id",
+            [{"id": d, "last_applied_seq": seq} for d, seq in sorted(moved.items())],
+            {"last_seen_at": now},
         )
 
     for i, plan in plans.items():

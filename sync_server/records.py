@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache, lru_cache
+from functools import cache
 from typing import Any
 
 from sqlalchemy import (
@@ -20,7 +20,6 @@ from sqlalchemy import (
     Table,
     Update,
     bindparam,
-    case,
     delete,
     insert,
     select,
@@ -29,8 +28,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from domain.registry import EntitySpec, Registry, scope_branch
+from domain.registry import EntitySpec, Registry, branch_scope, scope_branch
 
+from .bulk import update_rows
 from .tables import inventory_items, menu_items
 
 
@@ -72,15 +72,18 @@ def save(
         return
     columns = {k: v for k, v in data.items() if k in table.c}
     if created:
-        conn.execute(
-            _statements(table)[0],
-            {"id": row_id, "version": version, "created_at": now, "updated_at": now, **columns},
-        )
+        conn.execute(_statements(table)[0], _insert_params(row_id, columns, version, now))
     else:
         conn.execute(
             _statements(table)[1],
             {"k_id": row_id, "version": version, "updated_at": now, **columns},
         )
+
+
+def _insert_params(
+    row_id: str, columns: Mapping[str, Any], version: int, now: datetime
+) -> dict[str, Any]:
+    return {"id": row_id, "version": version, "created_at": now, "updated_at": now, **columns}
 
 
 class RecordWriter:
@@ -95,6 +98,10 @@ class RecordWriter:
     a rename of the same SKU must reach the unique index in the order the devices made them.
     Every image is the row's whole state, so a later write of a row replaces a held one (a
     held rename followed by a new SKU sends only the second image, which carries both).
+    Creates are held too, and sent as multi-row inserts before the next write that keeps its
+    place (a delete or a unique move, which may release a value a held create takes, or touch
+    the created row) and at :meth:`flush`, before the held rewrites (which may be of them).
+    Two creates never contend for one unique value: the planner refuses the second.
     """
 
     def __init__(self, conn: Connection, registry: Registry, now: datetime) -> None:
@@ -102,6 +109,7 @@ class RecordWriter:
         self.registry = registry
         self.now = now
         self._held: dict[tuple[str, str], tuple[int, Mapping[str, Any]]] = {}
+        self._creates: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
 
     def save(
         self,
@@ -123,9 +131,23 @@ class RecordWriter:
         if data is not None and not created and unique.isdisjoint(changed):
             self._held[key] = (version, data)
             return
+        if data is not None and created:
+            table = RECORD_TABLES[entity].table
+            columns = {k: v for k, v in data.items() if k in table.c}
+            self._creates.setdefault((entity, tuple(sorted(columns))), []).append(
+                _insert_params(row_id, columns, version, self.now)
+            )
+            return
+        self._send_creates()
         save(self.conn, entity, row_id, data, version=version, created=created, now=self.now)
 
+    def _send_creates(self) -> None:
+        for (entity, _), rows in self._creates.items():
+            self.conn.execute(_statements(RECORD_TABLES[entity].table)[0], rows)
+        self._creates.clear()
+
     def flush(self) -> None:
+        self._send_creates()
         by_entity: dict[str, list[tuple[str, int, Mapping[str, Any]]]] = {}
         for (entity, row_id), (version, data) in self._held.items():
             by_entity.setdefault(entity, []).append((row_id, version, data))
@@ -146,69 +168,37 @@ def _rewrite(
         tuple(sorted(k for k in data if k in table.c and k not in ("id", "version")))
         for _, _, data in rows
     }
-    if len(rows) == 1 or len(shapes) != 1:
-        # One row, or images of different shapes (not produced by the planner, which writes
-        # whole images): one statement per row.
+    if len(shapes) != 1:
+        # Images of different shapes (not produced by the planner, which writes whole
+        # images): one statement per row.
         for row_id, version, data in rows:
             save(conn, table.name, row_id, data, version=version, created=False, now=now)
         return
     (columns,) = shapes
-    # In chunks of a few fixed sizes: a handful of statement shapes per table stay compiled,
-    # and a 500-op change-set never builds one huge CASE.
-    start = 0
-    while start < len(rows):
-        size = next(n for n in _CHUNKS if n <= len(rows) - start)
-        chunk = rows[start : start + size]
-        start += size
-        if size == 1:
-            ((row_id, version, data),) = chunk
-            save(conn, table.name, row_id, data, version=version, created=False, now=now)
-            continue
-        params: dict[str, Any] = {"updated_at": now}
-        for i, (row_id, version, data) in enumerate(chunk):
-            params[f"id_{i}"] = row_id
-            params[f"version_{i}"] = version
-            for name in columns:
-                params[f"{name}_{i}"] = data[name]
-        conn.execute(_rewrite_statement(record, columns, size), params)
-
-
-#: Rows per CASE update, largest first (the remainder goes in smaller ones).
-_CHUNKS = (32, 16, 8, 4, 2, 1)
-
-
-@lru_cache(maxsize=256)
-def _rewrite_statement(record: RecordTable, columns: tuple[str, ...], count: int) -> Update:
-    """``UPDATE t SET c = CASE WHEN id = :id_0 THEN :c_0 … END, … WHERE id IN (…)``, built
-    once per (table, columns, number of rows); each row keeps its own version."""
-    table = record.table
-    ids = [bindparam(f"id_{i}", type_=table.c.id.type) for i in range(count)]
-    values: dict[str, Any] = {
-        name: case(
-            *[
-                (table.c.id == ids[i], bindparam(f"{name}_{i}", type_=table.c[name].type))
-                for i in range(count)
-            ],
-            else_=table.c[name],
-        )
-        for name in (*columns, "version")
-    }
-    values["updated_at"] = bindparam("updated_at", type_=table.c.updated_at.type)
-    return update(table).where(table.c.id.in_(ids)).values(values)
+    update_rows(
+        conn,
+        table,
+        "id",
+        [
+            {"id": row_id, "version": version, **{name: data[name] for name in columns}}
+            for row_id, version, data in rows
+        ],
+        {"updated_at": now},
+    )
 
 
 @cache
 def _holders_query(record: RecordTable, group: tuple[str, ...], by_branch: bool) -> Select[Any]:
-    """Built once per (table, unique group): the values arrive as an expanding parameter."""
+    """Built once per (table, unique group): the values arrive as an expanding parameter,
+    each led by its branch when ``by_branch`` (so one query serves several branches)."""
     table = record.table
     columns = [table.c[name] for name in group]
-    query = select(table.c.id, *columns).where(
-        tuple_(*columns).in_(bindparam("values", expanding=True))
-    )
     if by_branch:
         assert record.branch_column is not None
-        query = query.where(table.c[record.branch_column] == bindparam("branch"))
-    return query
+        columns.insert(0, table.c[record.branch_column])
+    return select(table.c.id, *columns).where(
+        tuple_(*columns).in_(bindparam("values", expanding=True))
+    )
 
 
 @cache
@@ -220,21 +210,36 @@ def _statements(table: Table) -> tuple[Insert, Update, Delete]:
 def unique_holders(
     conn: Connection, spec: EntitySpec, scope: str, candidates: Iterable[tuple[Any, ...]]
 ) -> dict[tuple[str, str, tuple[str, ...], tuple[Any, ...]], str]:
-    """For each unique group of ``spec``, which live row holds each candidate value."""
+    """For each unique group of ``spec``, which live row of ``scope`` holds each candidate
+    value."""
+    return unique_holders_by_scope(conn, spec, {scope: candidates})
+
+
+def unique_holders_by_scope(
+    conn: Connection, spec: EntitySpec, candidates: Mapping[str, Iterable[tuple[Any, ...]]]
+) -> dict[tuple[str, str, tuple[str, ...], tuple[Any, ...]], str]:
+    """:func:`unique_holders` for candidates in several scopes (scope -> candidates), in one
+    query per unique group."""
     record = RECORD_TABLES.get(spec.name)
-    wanted = list(dict.fromkeys(candidates))
-    if record is None or not wanted:
-        return {}
+    wanted = {scope: list(dict.fromkeys(values)) for scope, values in candidates.items()}
     found: dict[tuple[str, str, tuple[str, ...], tuple[Any, ...]], str] = {}
+    if record is None:
+        return found
     for group in spec.unique:
-        values = [c for c in wanted if len(c) == len(group)]
-        if not values:
-            continue
-        branch = scope_branch(scope)
-        by_branch = record.branch_column is not None and branch is not None
-        params: dict[str, Any] = {"values": values}
-        if by_branch:
-            params["branch"] = branch
-        for row in conn.execute(_holders_query(record, group, by_branch), params):
-            found[(spec.name, scope, group, tuple(row[1:]))] = row[0]
+        branched: list[tuple[Any, ...]] = []
+        for scope, values in wanted.items():
+            values = [c for c in values if len(c) == len(group)]
+            branch = scope_branch(scope)
+            if not values:
+                continue
+            if record.branch_column is None or branch is None:
+                query = _holders_query(record, group, False)
+                for row in conn.execute(query, {"values": values}):
+                    found[(spec.name, scope, group, tuple(row[1:]))] = row[0]
+            else:
+                branched.extend((branch, *c) for c in values)
+        if branched:
+            query = _holders_query(record, group, True)
+            for row in conn.execute(query, {"values": branched}):
+                found[(spec.name, branch_scope(row[1]), group, tuple(row[2:]))] = row[0]
     return found

@@ -11,13 +11,11 @@ from functools import partial
 from typing import Any, TypeVar
 
 import msgspec
-from sqlalchemy.engine import Connection
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from domain.catalog import default_registry
-from domain.ops import Principal
 from sync_protocol import messages as m
 from sync_protocol.codec import JSON, MSGPACK
 
@@ -213,15 +211,10 @@ async def push_endpoint(request: Request) -> Response:
     message, response_type = await _decode(request, m.PushRequest)
     resources: Resources = request.app.state.resources
 
-    def identify(conn: Connection) -> Principal:
-        # Read in the transaction that applies the push: the user's current state (deactivated,
-        # signed out) decides, without a round trip of its own.
-        identity = load_identity(conn, claims)
-        return Principal(identity.user_id, identity.role, identity.branch_ids)
-
-    # Applied with the pushes of other devices waiting at the same time (group commit); the
-    # device is checked under its row lock (push step 1).
-    unit = PushUnit(message.device_id.lower(), message.change_sets, identify)
+    # Applied with the pushes of other devices waiting at the same time (group commit), in a
+    # transaction that also reads the user's current state (deactivated, signed out) and
+    # checks the device under its row lock (push step 1).
+    unit = PushUnit(message.device_id.lower(), message.change_sets, claims)
     try:
         result = await resources.committer.push(
             unit, admit=partial(_throttle, resources, claims.user_id)
