@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -75,6 +76,10 @@ class PushCommitter:
         self._guard = threading.Lock()
         self._queue: deque[_Waiting] = deque()
         self._draining = False
+        # The connection groups run on, kept between groups: one group runs at a time, and a
+        # busy server then skips a pool checkout (and its liveness ping) per group.
+        self._conn: Connection | None = None
+        self._last_used = 0.0
 
     async def push(self, unit: PushUnit, *, admit: Callable[[], None]) -> PushResult:
         """Queue ``unit`` and wait for its result (or the exception that refused it)."""
@@ -94,6 +99,27 @@ class PushCommitter:
         if start:
             self._schedule()
         return await waiting.future
+
+    def _connection(self) -> Connection:
+        """The kept connection, or a fresh one from the pool (checked there, ``pool_pre_ping``)
+        when there is none, it broke, or it sat unused for a while (the server may have
+        dropped it meanwhile)."""
+        now = time.monotonic()
+        if self._conn is not None and (self._conn.invalidated or now - self._last_used > 5.0):
+            self.close()
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        self._last_used = now
+        return self._conn
+
+    def close(self) -> None:
+        """Give the kept connection back to the pool (shutdown; after an error)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # a broken connection: the pool discards it
+                log.debug("closing the push connection failed", exc_info=True)
 
     def _groupable(self, waiting: _Waiting) -> bool:
         return waiting.change_sets <= self._group_limit and waiting.ops <= MAX_GROUP_OPS
@@ -159,6 +185,8 @@ class PushCommitter:
                     ]
                 else:
                     results = push_group(conn, units, registry=self._registry, identify=principals)
+            if conn.in_transaction():  # a refusal's reads: nothing to keep
+                conn.rollback()
         except Exception as exc:  # the database is unreachable, say: every unit fails with it
             for w in admitted:
                 _settle(w, exc)

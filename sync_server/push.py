@@ -96,6 +96,35 @@ def scopes_to_lock(
     return scopes
 
 
+def unique_candidates(
+    ops: Sequence[Op],
+    principal: Principal,
+    rows: Mapping[tuple[str, str], RowState | None],
+    registry: Registry,
+) -> list[tuple[str, str, tuple[str, ...], tuple[Any, ...]]]:
+    """(entity, scope, unique group, values) of every unique value the ops want to write."""
+    found: list[tuple[str, str, tuple[str, ...], tuple[Any, ...]]] = []
+    for op in ops:
+        if not isinstance(op, CreateOp | PatchOp):
+            continue
+        spec = registry.entity(op.entity)
+        if spec is None or not spec.unique:
+            continue
+        current = rows.get((op.entity, op.id))
+        if current is not None:
+            scope: str | None = current.scope
+        else:
+            scope = spec.scope_of(with_home_branch(spec, op.fields, principal))
+        if scope is None:
+            continue
+        found.extend(
+            (spec.name, scope, group, tuple(op.fields[n] for n in group))
+            for group in spec.unique
+            if all(n in op.fields for n in group)
+        )
+    return found
+
+
 def unique_index(
     conn: Connection,
     change_sets: Sequence[tuple[Sequence[Op], Principal]],
@@ -104,29 +133,10 @@ def unique_index(
 ) -> dict[Any, str]:
     """Who holds, in the system of record, each unique value the ops of ``change_sets`` (each
     with the principal writing it) want to write: one query per entity and unique group."""
-    wanted: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
-    for ops, principal in change_sets:
-        for op in ops:
-            if not isinstance(op, CreateOp | PatchOp):
-                continue
-            spec = registry.entity(op.entity)
-            if spec is None or not spec.unique:
-                continue
-            current = rows.get((op.entity, op.id))
-            if current is not None:
-                scope: str | None = current.scope
-            else:
-                scope = spec.scope_of(with_home_branch(spec, op.fields, principal))
-            if scope is None:
-                continue
-            wanted.setdefault((spec.name, scope), []).extend(
-                tuple(op.fields[n] for n in group)
-                for group in spec.unique
-                if all(n in op.fields for n in group)
-            )
     by_entity: dict[str, dict[str, list[tuple[Any, ...]]]] = {}
-    for (entity, scope), candidates in wanted.items():
-        by_entity.setdefault(entity, {})[scope] = candidates
+    for ops, principal in change_sets:
+        for entity, scope, _, values in unique_candidates(ops, principal, rows, registry):
+            by_entity.setdefault(entity, {}).setdefault(scope, []).append(values)
     index: dict[Any, str] = {}
     for entity, by_scope in by_entity.items():
         spec = registry.entity(entity)

@@ -41,7 +41,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from conflict.planner import OpIssue, Plan, plan_change_set, touched_keys
 from domain.ops import Op, Principal, RowState
-from domain.registry import Registry
+from domain.registry import Registry, unique_form
 from sync_protocol import messages as m
 
 from .bulk import update_rows
@@ -61,6 +61,7 @@ from .push import (
     scopes_to_lock,
     stored_outcome,
     to_domain_op,
+    unique_candidates,
     unique_index,
 )
 from .records import RecordWriter
@@ -256,15 +257,16 @@ def _apply_group(
         versions: dict[str, int] = {}
         for item in plan.entries:
             if isinstance(item, m.Outcome):
-                outcomes.append(item)
-                continue
-            if isinstance(item, _ReplayOf):
+                outcome = item
+            elif isinstance(item, _ReplayOf):
                 assert item.entry.outcome is not None
-                outcomes.append(msgspec.structs.replace(item.entry.outcome, replayed=True))
-                continue
-            assert item.outcome is not None
-            outcomes.append(item.outcome)
-            for scope, version in item.outcome.versions.items():
+                outcome = msgspec.structs.replace(item.entry.outcome, replayed=True)
+            else:
+                assert item.outcome is not None
+                outcome = item.outcome
+            outcomes.append(outcome)
+            # As push() does: replays included (a notification more is harmless).
+            for scope, version in outcome.versions.items():
                 versions[scope] = max(versions.get(scope, 0), version)
         results[i] = PushResult(outcomes, plan.last_applied, plan.gap, versions)
     assert all(r is not None for r in results)
@@ -290,8 +292,13 @@ def _write(conn: Connection, group: Sequence[_Apply], registry: Registry, now: d
     for entry in group:
         # Step 5, over the rows as the change-sets before this one left them.
         current = changelog.current(touched_keys(entry.ops, registry))
+        asked = _holders_of(
+            holders,
+            unique_candidates(entry.ops, entry.principal, current, registry),
+            exact=conn.dialect.name == "sqlite",
+        )
         try:
-            plan = plan_change_set(entry.ops, entry.principal, current, registry, holders)
+            plan = plan_change_set(entry.ops, entry.principal, current, registry, asked)
         except Exception:
             log.exception(
                 "planning change-set %s of device %s failed", entry.change_set.id, entry.device_id
@@ -347,6 +354,25 @@ def _write(conn: Connection, group: Sequence[_Apply], registry: Registry, now: d
     conn.execute(INSERT_RECORD, outcome_rows)
     if conflict_rows:
         conn.execute(INSERT_CONFLICT, conflict_rows)
+
+
+def _holders_of(
+    holders: Mapping[Any, str],
+    candidates: Sequence[tuple[str, str, tuple[str, ...], tuple[Any, ...]]],
+    *,
+    exact: bool,
+) -> dict[Any, str]:
+    """The holders the database would name if asked for ``candidates`` alone, as ``push``
+    asks for each change-set: the group's index also holds values other change-sets asked
+    about, which the database compares by its collation (case- and accent-insensitive on
+    MariaDB, as ``unique_form`` does; exact on SQLite)."""
+    fold = (lambda values: values) if exact else (lambda v: tuple(unique_form(x) for x in v))
+    wanted = {(entity, scope, group, fold(values)) for entity, scope, group, values in candidates}
+    return {
+        key: owner
+        for key, owner in holders.items()
+        if (key[0], key[1], key[2], fold(key[3])) in wanted
+    }
 
 
 def _move_holders(

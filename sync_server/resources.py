@@ -90,6 +90,7 @@ class Resources:
         self.closed = True
         self.executor.shutdown(wait=True)
         self.read_executor.shutdown(wait=True)
+        self.committer.close()
         self.pubsub.close()
         if self.redis is not None:
             self.redis.close()
