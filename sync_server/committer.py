@@ -43,6 +43,12 @@ log = logging.getLogger("galley.push")
 
 #: Ops in one group, at most: a group's transaction stays short however many pushes wait.
 MAX_GROUP_OPS = 1_000
+#: A group running this long (seconds) is taken to be stuck (on a lock held elsewhere): the
+#: pushes waiting behind it get a group of their own on another thread. Groups normally take
+#: milliseconds; a stuck one would otherwise hold every push of the process.
+STALLED_AFTER = 0.25
+#: Seconds an unused kept connection is trusted without the pool's liveness check.
+KEEP_CONNECTION_FOR = 5.0
 
 
 @dataclass
@@ -66,6 +72,7 @@ class PushCommitter:
         registry: Registry,
         *,
         group_limit: int,
+        max_running: int,
         published: Callable[[dict[str, int]], None],
     ) -> None:
         self._engine = engine
@@ -75,11 +82,14 @@ class PushCommitter:
         self._published = published
         self._guard = threading.Lock()
         self._queue: deque[_Waiting] = deque()
-        self._draining = False
-        # The connection groups run on, kept between groups: one group runs at a time, and a
-        # busy server then skips a pool checkout (and its liveness ping) per group.
+        #: When each group being applied began (monotonic), newest last.
+        self._running: list[float] = []
+        self._max_running = max_running
+        # A connection kept between groups: a busy server skips a pool checkout (and its
+        # liveness ping) per group.
         self._conn: Connection | None = None
         self._last_used = 0.0
+        self.closed = False
 
     async def push(self, unit: PushUnit, *, admit: Callable[[], None]) -> PushResult:
         """Queue ``unit`` and wait for its result (or the exception that refused it)."""
@@ -94,32 +104,57 @@ class PushCommitter:
         )
         with self._guard:
             self._queue.append(waiting)
-            start = not self._draining
-            self._draining = True
+            start = not self._running
+            if start:
+                self._running.append(time.monotonic())
         if start:
             self._schedule()
+        else:
+            loop.call_later(STALLED_AFTER, self._widen)
         return await waiting.future
 
-    def _connection(self) -> Connection:
-        """The kept connection, or a fresh one from the pool (checked there, ``pool_pre_ping``)
-        when there is none, it broke, or it sat unused for a while (the server may have
+    def _widen(self) -> None:
+        """Start another group beside the running ones if the newest of them has been running
+        for long (waiting on a lock, most likely) and pushes still wait."""
+        with self._guard:
+            start = (
+                bool(self._queue)
+                and 0 < len(self._running) < self._max_running
+                and time.monotonic() - self._running[-1] >= STALLED_AFTER
+            )
+            if start:
+                self._running.append(time.monotonic())
+        if start:
+            self._schedule()
+
+    def _lease(self) -> Connection:
+        """The kept connection, or one from the pool (checked there, ``pool_pre_ping``) when it
+        is in use by another group, broke, or sat unused for a while (the database may have
         dropped it meanwhile)."""
-        now = time.monotonic()
-        if self._conn is not None and (self._conn.invalidated or now - self._last_used > 5.0):
-            self.close()
-        if self._conn is None:
-            self._conn = self._engine.connect()
-        self._last_used = now
-        return self._conn
+        with self._guard:
+            conn, self._conn = self._conn, None
+            stale = time.monotonic() - self._last_used > KEEP_CONNECTION_FOR
+        if conn is not None and (stale or conn.invalidated):
+            _close(conn)
+            conn = None
+        return conn if conn is not None else self._engine.connect()
+
+    def _give_back(self, conn: Connection) -> None:
+        with self._guard:
+            keep = self._conn is None and not self.closed
+            if keep:
+                self._conn = conn
+                self._last_used = time.monotonic()
+        if not keep:
+            _close(conn)
 
     def close(self) -> None:
-        """Give the kept connection back to the pool (shutdown; after an error)."""
-        conn, self._conn = self._conn, None
+        """Give the kept connection back to the pool (shutdown)."""
+        with self._guard:
+            self.closed = True
+            conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # a broken connection: the pool discards it
-                log.debug("closing the push connection failed", exc_info=True)
+            _close(conn)
 
     def _groupable(self, waiting: _Waiting) -> bool:
         return waiting.change_sets <= self._group_limit and waiting.ops <= MAX_GROUP_OPS
@@ -131,7 +166,7 @@ class PushCommitter:
             with self._guard:
                 waiting = list(self._queue)
                 self._queue.clear()
-                self._draining = False
+                self._running.clear()
             for w in waiting:
                 _settle(w, RuntimeError("the server is shutting down"))
 
@@ -161,7 +196,10 @@ class PushCommitter:
         finally:
             with self._guard:
                 more = bool(self._queue)
-                self._draining = more
+                if self._running:
+                    self._running.pop(0)  # which entry does not matter: only their number
+                if more:
+                    self._running.append(time.monotonic())
             if more:
                 self._schedule()
 
@@ -177,20 +215,22 @@ class PushCommitter:
         if not admitted:
             return
         units = [w.unit for w in admitted]
+        conn = self._lease()
         try:
-            with self._engine.connect() as conn:
-                if len(admitted) == 1 and not self._groupable(admitted[0]):
-                    results: list[UnitResult] = [
-                        push_alone(conn, units[0], registry=self._registry, identify=principals)
-                    ]
-                else:
-                    results = push_group(conn, units, registry=self._registry, identify=principals)
+            if len(admitted) == 1 and not self._groupable(admitted[0]):
+                results: list[UnitResult] = [
+                    push_alone(conn, units[0], registry=self._registry, identify=principals)
+                ]
+            else:
+                results = push_group(conn, units, registry=self._registry, identify=principals)
             if conn.in_transaction():  # a refusal's reads: nothing to keep
                 conn.rollback()
         except Exception as exc:  # the database is unreachable, say: every unit fails with it
+            _close(conn)
             for w in admitted:
                 _settle(w, exc)
             return
+        self._give_back(conn)
         versions: dict[str, int] = {}
         for w, result in zip(admitted, results, strict=True):
             if isinstance(result, PushResult):
@@ -207,6 +247,13 @@ def principals(conn: Connection, claims: Sequence[AccessClaims]) -> list[Princip
         who if isinstance(who, Exception) else Principal(who.user_id, who.role, who.branch_ids)
         for who in load_identities(conn, claims)
     ]
+
+
+def _close(conn: Connection) -> None:
+    try:
+        conn.close()
+    except Exception:  # a broken connection: the pool discards it
+        log.debug("closing a push connection failed", exc_info=True)
 
 
 def _settle(waiting: _Waiting, result: UnitResult) -> None:

@@ -59,6 +59,7 @@ class Resources:
             self.executor,
             default_registry(),
             group_limit=self.settings.push_group_limit,
+            max_running=self.settings.db_workers,
             published=self.publish_versions,
         )
 
@@ -87,6 +88,12 @@ class Resources:
         return await asyncio.get_running_loop().run_in_executor(executor, fn)
 
     def close(self) -> None:
+        self.release()
+        self.engine.dispose()
+
+    def release(self) -> None:
+        """Close everything but the engine: the threads (after their work), the push
+        connection, pub/sub, Redis. For a caller that lent the engine (tests) and keeps it."""
         self.closed = True
         self.executor.shutdown(wait=True)
         self.read_executor.shutdown(wait=True)
@@ -94,7 +101,6 @@ class Resources:
         self.pubsub.close()
         if self.redis is not None:
             self.redis.close()
-        self.engine.dispose()
 
 
 def read_workers(settings: Settings) -> int:

@@ -201,7 +201,7 @@ def resources(db: Engine) -> Iterator[Resources]:
     settings = make_settings(db.url.render_as_string(hide_password=False))
     res = build_resources(settings, engine=db)
     yield res
-    res.pubsub.close()
+    res.release()  # not close(): the engine is the session's
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def fuzz_app(sqlite_engine: Engine) -> Iterator[tuple[Any, dict[str, str]]]:
     APP.app = create_app(resources=res)
     yield APP.app, factory.auth(admin)
     APP.app = None
-    res.pubsub.close()
+    res.release()
 
 
 class _AppUnderTest:

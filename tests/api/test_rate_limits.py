@@ -164,9 +164,7 @@ def test_the_app_uses_redis_for_limits_when_configured(
         assert type(limiter.storage).__name__ == "RedisStorage"
         assert redis_client.keys("galley-limits*")
     finally:
-        res.pubsub.close()
-        if res.redis is not None:
-            res.redis.close()
+        res.release()
 
 
 def test_the_lockout_counts_per_account_whether_email_or_username_is_used(

@@ -30,6 +30,7 @@ def test_readyz_is_503_with_the_reason_when_the_database_is_down() -> None:
     res = build_resources(make_settings("mysql+pymysql://nobody@127.0.0.1:1/none"), engine=engine)
     with TestClient(create_app(resources=res)) as client:
         response = client.get("/readyz")
+    res.close()
     assert response.status_code == 503
     body = response.json()
     assert body["code"] == "not_ready"
@@ -41,6 +42,7 @@ def test_readyz_reports_redis_when_configured_and_down(db: Engine) -> None:
     res = build_resources(settings, engine=db)
     with TestClient(create_app(resources=res)) as client:
         response = client.get("/readyz")
+    res.release()
     assert response.status_code == 503
     assert "redis" in response.json()["details"]
 

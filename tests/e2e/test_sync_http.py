@@ -460,7 +460,7 @@ def small_client(db: Engine, cheap_passwords: None) -> Iterator[tuple[Any, Facto
     res = build_resources(settings, engine=db)
     with TestClient(create_app(resources=res)) as client:
         yield client, Factory(res)
-    res.pubsub.close()
+    res.release()
 
 
 def test_a_body_over_the_limit_is_413_and_nothing_is_applied(

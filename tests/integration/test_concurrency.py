@@ -428,5 +428,6 @@ def test_a_pull_is_served_while_every_push_thread_waits_on_a_lock(
 
         locker.rollback()
         blocked.join(timeout=30)
+    one_writer.release()
     assert answers and answers[0][0] == 200
     assert answers[0][1]["outcomes"][0]["status"] == "applied"
