@@ -93,7 +93,8 @@ class RecordWriter:
     Writes go out in plan order, one statement each, except rewrites of existing rows that
     change no unique column (a rename, a new price: most of them). Those cannot collide with
     any other write in a unique index, so their order does not matter: they are held back and
-    sent by :meth:`flush` as one ``UPDATE … SET col = CASE id …`` per table. A write that
+    sent by :meth:`flush` as one ``UPDATE … SET col = CASE id …`` per table and set of
+    changed columns (only those: the others already hold the image's values). A write that
     moves a unique value (a new SKU) keeps its place in the order, since a delete, a create and
     a rename of the same SKU must reach the unique index in the order the devices made them.
     Every image is the row's whole state, so a later write of a row replaces a held one (a
@@ -108,7 +109,8 @@ class RecordWriter:
         self.conn = conn
         self.registry = registry
         self.now = now
-        self._held: dict[tuple[str, str], tuple[int, Mapping[str, Any]]] = {}
+        #: (entity, id) -> (version, image, fields changed since the row was last sent).
+        self._held: dict[tuple[str, str], tuple[int, Mapping[str, Any], frozenset[str]]] = {}
         self._creates: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
 
     def save(
@@ -127,9 +129,12 @@ class RecordWriter:
         unique = {name for group in spec.unique for name in group} if spec else set()
         key = (entity, row_id)
         # Popped, not overwritten: the dict keeps the order of each row's last write.
-        self._held.pop(key, None)
+        earlier = self._held.pop(key, None)
         if data is not None and not created and unique.isdisjoint(changed):
-            self._held[key] = (version, data)
+            # Only the changed columns are sent, so the fields an earlier held write of the
+            # row changed (in an earlier change-set of the group) go too.
+            fields = frozenset(changed) | (earlier[2] if earlier is not None else frozenset())
+            self._held[key] = (version, data, fields)
             return
         if data is not None and created:
             table = RECORD_TABLES[entity].table
@@ -148,36 +153,34 @@ class RecordWriter:
 
     def flush(self) -> None:
         self._send_creates()
-        by_entity: dict[str, list[tuple[str, int, Mapping[str, Any]]]] = {}
-        for (entity, row_id), (version, data) in self._held.items():
-            by_entity.setdefault(entity, []).append((row_id, version, data))
+        by_shape: dict[tuple[str, tuple[str, ...]], list[tuple[str, int, Mapping[str, Any]]]] = {}
+        for (entity, row_id), (version, data, fields) in self._held.items():
+            table = RECORD_TABLES[entity].table
+            columns = tuple(
+                sorted(n for n in fields if n in table.c and n not in ("id", "version"))
+            )
+            by_shape.setdefault((entity, columns), []).append((row_id, version, data))
         self._held.clear()
-        for entity, rows in by_entity.items():
-            _rewrite(self.conn, RECORD_TABLES[entity], rows, now=self.now)
+        for (entity, columns), rows in by_shape.items():
+            _rewrite(self.conn, RECORD_TABLES[entity], columns, rows, now=self.now)
+
+
+#: Columns of a record table not taken from the image.
+_NOT_IMAGED = ("id", "version", "created_at", "updated_at")
 
 
 def _rewrite(
     conn: Connection,
     record: RecordTable,
+    columns: tuple[str, ...],
     rows: Sequence[tuple[str, int, Mapping[str, Any]]],
     *,
     now: datetime,
 ) -> None:
-    table = record.table
-    shapes = {
-        tuple(sorted(k for k in data if k in table.c and k not in ("id", "version")))
-        for _, _, data in rows
-    }
-    if len(shapes) != 1:
-        # Images of different shapes (not produced by the planner, which writes whole
-        # images): one statement per row.
-        for row_id, version, data in rows:
-            save(conn, table.name, row_id, data, version=version, created=False, now=now)
-        return
-    (columns,) = shapes
+    """Set ``columns`` (and the version) of ``rows`` from their images, in bulk."""
     update_rows(
         conn,
-        table,
+        record.table,
         "id",
         [
             {"id": row_id, "version": version, **{name: data[name] for name in columns}}

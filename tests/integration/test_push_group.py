@@ -115,7 +115,7 @@ def _state(engine: Engine) -> dict[str, Any]:
             ),
             "scopes": sorted(tuple(r) for r in conn.execute(select(sync_scopes))),
             "inventory": sorted(
-                (r.id, r.branch_id, r.sku, r.name, r.version)
+                (r.id, r.branch_id, r.sku, r.name, r.category, r.version)
                 for r in conn.execute(select(inventory_items))
             ),
             "menu": sorted(
@@ -209,7 +209,8 @@ def _op(
     versions: dict[str, int],
 ) -> dict[str, Any]:
     mine = known[device]
-    kind = draw(st.sampled_from([*["create", "rename", "resku"] * 4, "delete", "intent", "bad"]))
+    kinds = [*["create", "rename", "resku", "recategorise"] * 3, "delete", "intent", "bad"]
+    kind = draw(st.sampled_from(kinds))
     if kind == "create" or not mine:
         row_id = str(uuid.uuid4())
         for k, owner in enumerate(known):
@@ -382,6 +383,25 @@ def test_a_later_change_set_of_the_group_sees_a_rename_before_its_new_sku(
             select(inventory_items).where(inventory_items.c.id == uid("seed-a-0"))
         ).one()
     assert (row.name, row.sku) == ("Rye", "S-9")
+
+
+@pytest.mark.usefixtures("cheap_passwords")
+def test_renamed_then_recategorised_in_one_group_keeps_both(
+    db: Engine, twin: Engine, pair: dict[str, Any]
+) -> None:
+    _both(
+        db,
+        twin,
+        [
+            _unit(pair, 0, 1, _patch(pair, "seed-a-1", name="Barley")),
+            _unit(pair, 1, 1, _patch(pair, "seed-a-1", category="grain")),
+        ],
+    )
+    with db.connect() as conn:
+        row = conn.execute(
+            select(inventory_items).where(inventory_items.c.id == uid("seed-a-1"))
+        ).one()
+    assert (row.name, row.category) == ("Barley", "grain")
 
 
 @pytest.mark.usefixtures("cheap_passwords")
