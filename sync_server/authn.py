@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, null, select, union_all
 from sqlalchemy.engine import Connection
 from starlette.requests import Request
 
@@ -72,8 +72,10 @@ _IDENTITY = (
     .where(users.c.id == bindparam("user_id"))
 )
 _ALL_BRANCHES = select(branches.c.id)
-#: Several users at once (:func:`load_identities`), and which of their tokens' sessions ended.
-_IDENTITIES = (
+#: Several users at once (:func:`load_identities`) and, in the same round trip, which of the
+#: requests' token sessions ended: rows with a ``jti`` name a signed-out session, the others
+#: are a user's (one per branch).
+_IDENTITIES = union_all(
     select(
         users.c.id,
         users.c.role,
@@ -81,13 +83,22 @@ _IDENTITIES = (
         users.c.is_active,
         users.c.token_epoch,
         user_branches.c.branch_id,
+        null().label("jti"),
     )
     .select_from(users.outerjoin(user_branches, user_branches.c.user_id == users.c.id))
-    .where(users.c.id.in_(bindparam("user_ids", expanding=True)))
-)
-_SIGNED_OUT_AMONG = select(refresh_tokens.c.access_jti).where(
-    refresh_tokens.c.access_jti.in_(bindparam("jtis", expanding=True)),
-    refresh_tokens.c.revoked_at.is_not(None),
+    .where(users.c.id.in_(bindparam("user_ids", expanding=True))),
+    select(
+        null(),
+        null(),
+        null(),
+        null(),
+        null(),
+        null(),
+        refresh_tokens.c.access_jti,
+    ).where(
+        refresh_tokens.c.access_jti.in_(bindparam("jtis", expanding=True)),
+        refresh_tokens.c.revoked_at.is_not(None),
+    ),
 )
 
 
@@ -98,20 +109,24 @@ def load_identity(conn: Connection, claims: AccessClaims) -> Identity:
 
 
 def load_identities(conn: Connection, claims: Sequence[AccessClaims]) -> list[Identity | ApiError]:
-    """:func:`load_identity` for several requests at once (a group of pushes), in two
-    statements whatever their number: each request's identity, or the 401 refusing it."""
+    """:func:`load_identity` for several requests at once (a group of pushes), in one
+    statement whatever their number: each request's identity, or the 401 refusing it."""
     if len(claims) == 1:
         try:
             return [load_identity(conn, claims[0])]
         except ApiError as exc:
             return [exc]
     rows_of: dict[str, list[Any]] = {}
-    user_ids = sorted({c.user_id for c in claims})
-    for row in conn.execute(_IDENTITIES, {"user_ids": user_ids}):
-        rows_of.setdefault(row.id, []).append(row)
-    signed_out = set(
-        conn.execute(_SIGNED_OUT_AMONG, {"jtis": sorted({c.token_id for c in claims})}).scalars()
-    )
+    signed_out: set[str] = set()
+    params = {
+        "user_ids": sorted({c.user_id for c in claims}),
+        "jtis": sorted({c.token_id for c in claims}),
+    }
+    for row in conn.execute(_IDENTITIES, params):
+        if row.jti is not None:
+            signed_out.add(row.jti)
+        else:
+            rows_of.setdefault(row.id, []).append(row)
     found: list[Identity | ApiError] = []
     for c in claims:
         try:

@@ -2,9 +2,9 @@
 
 ``UPDATE t SET c = CASE WHEN k = :k_0 THEN :c_0 … ELSE c END, … WHERE k IN (:k_0, …)`` rewrites
 several rows of one table, each with its own values, in one round trip (pymysql sends
-``executemany`` of an UPDATE as one statement per row). Rows go in chunks of a few fixed sizes:
-the statement of each size is built and compiled once, and a large batch never becomes one huge
-statement.
+``executemany`` of an UPDATE as one statement per row). Rows go in chunks of at most
+:data:`MAX_ROWS`: the statement for each number of rows is built and compiled once, and a large
+batch never becomes one huge statement.
 """
 
 from __future__ import annotations
@@ -18,17 +18,14 @@ from sqlalchemy.engine import Connection
 
 T = TypeVar("T")
 
-#: Rows per statement, largest first (the remainder goes in smaller ones).
-CHUNKS = (32, 16, 8, 4, 2, 1)
+#: Rows per statement, at most.
+MAX_ROWS = 64
 
 
 def chunked(items: Sequence[T]) -> Iterator[Sequence[T]]:
-    """``items`` in consecutive chunks of the sizes of :data:`CHUNKS`."""
-    start = 0
-    while start < len(items):
-        size = next(n for n in CHUNKS if n <= len(items) - start)
-        yield items[start : start + size]
-        start += size
+    """``items`` in consecutive chunks of at most :data:`MAX_ROWS`."""
+    for start in range(0, len(items), MAX_ROWS):
+        yield items[start : start + MAX_ROWS]
 
 
 def update_rows(
