@@ -1,8 +1,10 @@
 """Push: applying a device's change-sets exactly once, in order.
 
-The numbered steps are those of ``docs/protocol.md`` § Push. Each change-set runs in its own
+The numbered steps are those of ``docs/protocol.md`` § Push. Here each change-set runs in its own
 transaction, so a batch is a sequence of independent commits: a failure part-way leaves the
-earlier change-sets applied and acknowledged, and the device resends only the rest.
+earlier change-sets applied and acknowledged, and the device resends only the rest. Concurrent
+small pushes are applied together instead (``sync_server.push_group``, group commit); this is
+the path for a backlog, and the one a group falls back to when the database refuses it.
 """
 
 from __future__ import annotations
