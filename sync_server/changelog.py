@@ -176,7 +176,9 @@ class ChangeLog:
         """The current image of each row (None when it never existed). With ``lock`` the rows
         are read with ``FOR UPDATE``, so nobody else changes them until this transaction ends;
         lock them before any scope counter (the engine's lock order: rows, then counters)."""
-        wanted = [k for k in dict.fromkeys(keys) if k not in self._rows]
+        # Sorted: rows are locked in key order however the ops name them, so two transactions
+        # locking overlapping rows in several statements queue instead of deadlocking.
+        wanted = sorted(k for k in dict.fromkeys(keys) if k not in self._rows)
         load_one, load_many = _LOADS[lock]
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]

@@ -1,21 +1,21 @@
 """Where push requests wait to be applied, and how they are grouped (group commit).
 
-Every push request becomes a :class:`~sync_server.push_group.PushUnit` queued in a *lane*. A lane
-is drained by one sync thread at a time: it takes the units waiting in it (up to
-``GALLEY_PUSH_GROUP_LIMIT`` change-sets) and applies them as one group
-(:func:`~sync_server.push_group.push_group`), then the next group, and so on. Pushes that would
-queue on the same scope counter anyway therefore share one transaction instead of waiting for
-each other's.
+Every push request becomes a :class:`~sync_server.push_group.PushUnit` in one queue per
+process. A sync thread takes the units waiting (up to ``GALLEY_PUSH_GROUP_LIMIT`` change-sets and
+:data:`MAX_GROUP_OPS` ops) and applies them as one group
+(:func:`~sync_server.push_group.push_group`), then the next group, and so on: pushes that arrive
+while a group is being applied share the next transaction instead of each queueing on the scope
+counters for their own. Normally one group is applied at a time; its next one is scheduled behind
+the threads' other work (device registrations).
 
-Lanes exist for throughput only, never for correctness (the locks of the push steps give
-that): a device's lane is the set of scopes its last push wrote, learned from its results, so
-the devices of a branch meet in the same lane and devices of other branches do not wait for
-them. A device seen for the first time goes to the lane of unknown devices. A lane holds at most
-one group in flight, and a drained lane hands its thread back between groups, so a busy lane
-never keeps other lanes' pushes waiting for a thread.
+A group still running after :data:`STALLED_AFTER` seconds is most likely waiting on a lock held
+elsewhere: the pushes queued behind it then get a group of their own on another thread (up to
+``GALLEY_DB_WORKERS`` groups at once). A push whose device is in a running group stays queued
+until that group ends: its device's row is locked there, and it would hold up the rest of its
+group (a retry of a stuck push must not stall the pushes that got around it).
 
 A request too large for a group (a device sending its backlog) is applied alone by
-:func:`~sync_server.push.push`, one transaction per change-set, in its lane's turn.
+:func:`~sync_server.push.push`, one transaction per change-set, in its turn.
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ class PushCommitter:
         self._queue: deque[_Waiting] = deque()
         #: When each group being applied began (monotonic), newest last.
         self._running: list[float] = []
+        #: Devices with a push in a running group -> how many such pushes.
+        self._busy: dict[str, int] = {}
         self._max_running = max_running
         # A connection kept between groups: a busy server skips a pool checkout (and its
         # liveness ping) per group.
@@ -118,7 +120,7 @@ class PushCommitter:
         for long (waiting on a lock, most likely) and pushes still wait."""
         with self._guard:
             start = (
-                bool(self._queue)
+                self._eligible()
                 and 0 < len(self._running) < self._max_running
                 and time.monotonic() - self._running[-1] >= STALLED_AFTER
             )
@@ -170,32 +172,56 @@ class PushCommitter:
             for w in waiting:
                 _settle(w, RuntimeError("the server is shutting down"))
 
+    def _eligible(self) -> bool:
+        """Whether a queued push could join a group now (called with the guard held)."""
+        return any(w.unit.device_id not in self._busy for w in self._queue)
+
     def _take(self) -> list[_Waiting]:
-        """The next group (called with the guard held)."""
-        first = self._queue.popleft()
-        group = [first]
-        if not self._groupable(first):
-            return group
-        change_sets, ops = first.change_sets, first.ops
-        while self._queue and self._groupable(self._queue[0]):
-            nxt = self._queue[0]
-            if change_sets + nxt.change_sets > self._group_limit or ops + nxt.ops > MAX_GROUP_OPS:
+        """The next group: the oldest pushes whose devices are in no running group, within
+        the group's limits (called with the guard held)."""
+        group: list[_Waiting] = []
+        rest: deque[_Waiting] = deque()
+        change_sets = ops = 0
+        while self._queue:
+            w = self._queue.popleft()
+            if w.unit.device_id in self._busy:
+                rest.append(w)
+                continue
+            if group and (
+                not self._groupable(group[0])
+                or not self._groupable(w)
+                or change_sets + w.change_sets > self._group_limit
+                or ops + w.ops > MAX_GROUP_OPS
+            ):
+                rest.append(w)
                 break
-            group.append(self._queue.popleft())
-            change_sets += nxt.change_sets
-            ops += nxt.ops
+            group.append(w)
+            change_sets += w.change_sets
+            ops += w.ops
+        rest.extend(self._queue)
+        self._queue = rest
+        for w in group:
+            self._busy[w.unit.device_id] = self._busy.get(w.unit.device_id, 0) + 1
         return group
 
     def _drain(self) -> None:
-        """Apply one group; the next one is scheduled behind the other work of the threads."""
+        """Apply one group; the next one is scheduled behind the threads' other work."""
         with self._guard:
-            group = self._take() if self._queue else []
+            group = self._take()
         try:
             if group:
                 self._apply(group)
+        except Exception as exc:  # a bug: the requests must still get an answer
+            log.exception("applying a group of %d pushes failed", len(group))
+            for w in group:
+                _settle(w, exc)
         finally:
             with self._guard:
-                more = bool(self._queue)
+                for w in group:
+                    left = self._busy.pop(w.unit.device_id) - 1
+                    if left:
+                        self._busy[w.unit.device_id] = left
+                more = self._eligible()
                 if self._running:
                     self._running.pop(0)  # which entry does not matter: only their number
                 if more:
@@ -215,8 +241,9 @@ class PushCommitter:
         if not admitted:
             return
         units = [w.unit for w in admitted]
-        conn = self._lease()
+        conn: Connection | None = None
         try:
+            conn = self._lease()
             if len(admitted) == 1 and not self._groupable(admitted[0]):
                 results: list[UnitResult] = [
                     push_alone(conn, units[0], registry=self._registry, identify=principals)
@@ -226,7 +253,8 @@ class PushCommitter:
             if conn.in_transaction():  # a refusal's reads: nothing to keep
                 conn.rollback()
         except Exception as exc:  # the database is unreachable, say: every unit fails with it
-            _close(conn)
+            if conn is not None:
+                _close(conn)
             for w in admitted:
                 _settle(w, exc)
             return

@@ -135,8 +135,7 @@ def push_group(
     """Apply ``units`` in order in one transaction; their results, in the same order.
 
     Falls back to one :func:`push` per unit when the group as a whole cannot be committed
-    (see the module docstring). Errors that are not about the group (the database is gone)
-    are raised: none of the units was applied.
+    (see the module docstring). A lost connection is raised: none of the units was applied.
     """
     try:
         return transact(
@@ -144,8 +143,12 @@ def push_group(
         )
     except (IntegrityError, DataError, ScopeNotLocked) as exc:
         log.info("group of %d pushes refused (%s): applying them one by one", len(units), exc)
-    except DBAPIError:
-        raise
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise  # the connection is gone: nothing was applied, nothing more can be
+        # A lock wait that outlasted its retries, say: alone, only the push that waits on the
+        # lock fails.
+        log.warning("group of %d pushes failed (%s): applying them one by one", len(units), exc)
     except Exception:
         # A bug here must not cost the devices their writes: the proven path takes over.
         log.exception("group of %d pushes failed: applying them one by one", len(units))
@@ -155,7 +158,8 @@ def push_group(
 def push_alone(
     conn: Connection, unit: PushUnit, *, registry: Registry, identify: Identify
 ) -> UnitResult:
-    """``unit`` applied by :func:`push`, one transaction per change-set."""
+    """``unit`` applied by :func:`push`, one transaction per change-set; what refused it (a
+    database error included) is its result, so that the units after it still run."""
     try:
         (principal,) = identify(conn, [unit.credentials])
         if isinstance(principal, Exception):
@@ -167,10 +171,8 @@ def push_alone(
             change_sets=unit.change_sets,
             registry=registry,
         )
-    except DBAPIError:
-        raise
     except Exception as exc:
-        if conn.in_transaction():
+        if conn.in_transaction() or conn.invalidated:
             conn.rollback()
         return exc
 

@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from sync_server.committer import PushCommitter, principals
+from sync_server.db import create_db_engine
 from sync_server.directory import DeviceRefused
 from sync_server.errors import ApiError
 from sync_server.push import PushResult
@@ -177,24 +179,52 @@ def test_a_group_stuck_on_a_lock_does_not_hold_back_other_pushes(
     free = _unit(mysql_resources, factory, free_user, free_device, _cs(1, item_op()))
     committer = mysql_resources.committer
 
-    async def scenario(locker: Any) -> tuple[Any, float, Any]:
+    async def scenario(locker: Any) -> tuple[Any, float, Any, Any]:
         held = asyncio.ensure_future(committer.push(stuck, admit=_open))
         await asyncio.sleep(0.2)  # its group waits on the device's row lock
+        # The device retries (its request timed out) just before another device pushes: the
+        # retry must not join (and stall) the group that gets the other push around the lock.
+        retry = asyncio.ensure_future(committer.push(stuck, admit=_open))
         started = time.monotonic()
         answer = await asyncio.wait_for(committer.push(free, admit=_open), timeout=10)
         took = time.monotonic() - started
-        assert not held.done()  # still waiting on the lock
+        assert not held.done() and not retry.done()  # still waiting on the lock
         locker.rollback()
-        return answer, took, await asyncio.wait_for(held, timeout=10)
+        first, second = await asyncio.wait_for(asyncio.gather(held, retry), timeout=10)
+        return answer, took, first, second
 
     with mysql_engine.connect() as locker:
         locker.begin()
         locker.execute(select(devices.c.id).where(devices.c.id == stuck_device).with_for_update())
-        answer, took, late = asyncio.run(scenario(locker))
+        answer, took, first, second = asyncio.run(scenario(locker))
 
     assert isinstance(answer, PushResult) and answer.outcomes[0].status == "applied"
     assert took < 5  # a group of its own after 250 ms, not after the lock wait timeout
-    assert isinstance(late, PushResult) and late.outcomes[0].status == "applied"
+    assert isinstance(first, PushResult) and first.outcomes[0].status == "applied"
+    assert isinstance(second, PushResult) and second.outcomes[0].replayed
+
+
+def test_every_waiting_push_is_answered_when_no_connection_can_be_had(
+    resources: Resources,
+) -> None:
+    unreachable = create_db_engine("mysql+pymysql://nobody@127.0.0.1:1/none")
+    committer = PushCommitter(
+        unreachable,
+        resources.executor,
+        REGISTRY,
+        group_limit=64,
+        max_running=2,
+        published=resources.publish_versions,
+    )
+    unit = PushUnit(str(uuid.uuid4()), to_change_sets(_cs(1, item_op())), None)
+
+    async def scenario() -> list[Any]:
+        pushes = [committer.push(unit, admit=_open) for _ in range(3)]
+        return await asyncio.wait_for(asyncio.gather(*pushes, return_exceptions=True), timeout=30)
+
+    answers = asyncio.run(scenario())
+    unreachable.dispose()
+    assert all(isinstance(a, OperationalError) for a in answers), answers
 
 
 def test_identities_of_a_group_come_from_the_database(
