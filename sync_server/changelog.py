@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection
 from domain.ops import RowState
 from sync_protocol.checksums import MOD, row_checksum
 
-from .bulk import update_rows
+from .bulk import update_rows, write
 from .tables import sync_rows, sync_scopes
 
 Key = tuple[str, str]
@@ -273,9 +273,9 @@ class ChangeLog:
         rewrites = [params for kind, params in self._pending.values() if kind == "rewrite"]
         self._pending.clear()
         if inserts:
-            self.conn.execute(_INSERT_ROW, inserts)
+            write(self.conn, _INSERT_ROW, inserts)
         if rewrites:
-            self.conn.execute(_REWRITE_ROWS[_family(self.conn)], rewrites)
+            write(self.conn, _REWRITE_ROWS[_family(self.conn)], rewrites)
 
     # Step 4 --------------------------------------------------------------------------------
     def seal(self) -> dict[str, int]:

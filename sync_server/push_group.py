@@ -44,6 +44,7 @@ from domain.ops import Op, Principal, RowState
 from domain.registry import Registry, unique_form
 from sync_protocol import messages as m
 
+from . import bulk
 from .bulk import update_rows
 from .changelog import ChangeLog, ScopeNotLocked
 from .db import transact
@@ -353,9 +354,9 @@ def _write(conn: Connection, group: Sequence[_Apply], registry: Registry, now: d
     records.flush()
     changelog.finish()
     # Step 7: the outcomes (before the conflicts, which name their change-sets).
-    conn.execute(INSERT_RECORD, outcome_rows)
+    bulk.write(conn, INSERT_RECORD, outcome_rows)
     if conflict_rows:
-        conn.execute(INSERT_CONFLICT, conflict_rows)
+        bulk.write(conn, INSERT_CONFLICT, conflict_rows)
 
 
 def _holders_of(

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 
 from domain.registry import EntitySpec, Registry, branch_scope, scope_branch
 
-from .bulk import update_rows
+from .bulk import update_rows, write
 from .tables import inventory_items, menu_items
 
 
@@ -148,7 +148,7 @@ class RecordWriter:
 
     def _send_creates(self) -> None:
         for (entity, _), rows in self._creates.items():
-            self.conn.execute(_statements(RECORD_TABLES[entity].table)[0], rows)
+            write(self.conn, _statements(RECORD_TABLES[entity].table)[0], rows)
         self._creates.clear()
 
     def flush(self) -> None:
