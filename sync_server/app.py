@@ -6,6 +6,7 @@ created in the lifespan (or handed in by tests) and disposed of on shutdown.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,6 +49,16 @@ class _GalleyApp(Starlette):
         return SecurityHeaders(super().build_middleware_stack())
 
 
+def _tune_garbage_collector() -> None:
+    """A serving process allocates fast and frees nearly everything by reference counting: the
+    cyclic collector's default pace (a young-generation pass every 700 net allocations, each
+    re-walking everything built at startup) cost ~4 % of a push group's CPU. Startup's objects
+    are moved out of its sight for good, and passes come less often (at most a few MB of cyclic
+    garbage wait for one)."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def create_app(settings: Settings | None = None, resources: Resources | None = None) -> Starlette:
     """Build the Galley ASGI app. ``resources`` (tests) are used as given and not closed."""
 
@@ -56,6 +67,8 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         owned = resources is None
         res = resources or build_resources(settings or load_settings())
         app.state.resources = res
+        if owned:
+            _tune_garbage_collector()
         try:
             yield
         finally:

@@ -57,3 +57,17 @@ def test_wrong_method_gets_the_json_error_object(client: Any) -> None:
     response = client.delete("/healthz")
     assert response.status_code == 405
     assert response.json()["code"] == "method_not_allowed"
+
+
+def test_a_serving_process_collects_cyclic_garbage_less_often(tmp_path: Any) -> None:
+    import gc
+
+    before = gc.get_threshold()
+    settings = make_settings(f"sqlite:///{tmp_path / 'gc.db'}")
+    try:
+        with TestClient(create_app(settings=settings)):
+            assert gc.get_threshold() == (50_000, 20, 20)
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
