@@ -149,6 +149,22 @@ def test_a_push_too_large_for_a_group_is_applied_one_change_set_at_a_time(
     assert len(commits) == 3  # one transaction per change-set, as push() applies them
 
 
+def test_with_grouping_off_every_push_is_applied_alone(
+    resources: Resources, factory: Factory, cheap_passwords: None, commits: list[int]
+) -> None:
+    committer = _committer(resources, group_limit=0)
+    branch = factory.branch()
+    users = [factory.user("manager", [branch]) for _ in range(3)]
+    units = [_unit(resources, factory, u, factory.device(u), _cs(1, item_op())) for u in users]
+    commits.clear()
+
+    answers = _behind_a_held_push(committer, units[0], units[1:])
+    committer.close()
+
+    assert [a.outcomes[0].status for a in answers] == ["applied"] * 3
+    assert len(commits) == 3
+
+
 def _committer(resources: Resources, **overrides: Any) -> PushCommitter:
     options: dict[str, Any] = {
         "group_limit": 64,

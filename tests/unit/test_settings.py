@@ -66,6 +66,14 @@ def test_the_number_of_database_workers_is_configurable_and_at_least_one() -> No
         load_settings({"GALLEY_SECRET_KEY": "k" * 40, "GALLEY_DB_WORKERS": "0"}, env_file=None)
 
 
+def test_push_groups_hold_64_change_sets_unless_configured_and_0_turns_them_off() -> None:
+    base = {"GALLEY_SECRET_KEY": "k" * 40}
+    assert load_settings(base, env_file=None).push_group_limit == 64
+    assert load_settings({**base, "GALLEY_PUSH_GROUP_LIMIT": "0"}, None).push_group_limit == 0
+    with pytest.raises(SettingsError, match="GALLEY_PUSH_GROUP_LIMIT"):
+        load_settings({**base, "GALLEY_PUSH_GROUP_LIMIT": "-1"}, env_file=None)
+
+
 def test_the_sync_rate_limit_is_a_rate_or_off() -> None:
     base = {"GALLEY_SECRET_KEY": "k" * 40}
     assert load_settings(base, env_file=None).sync_rate_limit == "1200/minute"
