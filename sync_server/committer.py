@@ -242,6 +242,7 @@ class PushCommitter:
             return
         units = [w.unit for w in admitted]
         conn: Connection | None = None
+        started = time.monotonic()
         try:
             conn = self._lease()
             if len(admitted) == 1 and not self._groupable(admitted[0]):
@@ -259,6 +260,13 @@ class PushCommitter:
                 _settle(w, exc)
             return
         self._give_back(conn)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "applied %d pushes (%d change-sets) as one group in %.1f ms",
+                len(admitted),
+                sum(w.change_sets for w in admitted),
+                (time.monotonic() - started) * 1000,
+            )
         versions: dict[str, int] = {}
         for w, result in zip(admitted, results, strict=True):
             if isinstance(result, PushResult):
