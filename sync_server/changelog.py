@@ -23,17 +23,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import msgspec
-from sqlalchemy import bindparam, insert, select, tuple_
+from sqlalchemy import Select, bindparam, insert, select, tuple_
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Connection
 
 from domain.ops import RowState
 from sync_protocol.checksums import MOD, row_checksum
 
-from .bulk import update_rows, write
+from .bulk import IN_LENGTHS, execute, in_binds, in_length, in_list, update_rows, write
 from .tables import sync_rows, sync_scopes
 
 Key = tuple[str, str]
@@ -97,18 +98,16 @@ _ROW_COLUMNS = select(
     sync_rows.c.data,
     sync_rows.c.field_versions,
 )
-_LOAD_ONE = _ROW_COLUMNS.where(
-    sync_rows.c.entity == bindparam("k_entity"), sync_rows.c.row_id == bindparam("k_row_id")
-)
-_LOAD_MANY = _ROW_COLUMNS.where(
-    tuple_(sync_rows.c.entity, sync_rows.c.row_id).in_(bindparam("keys", expanding=True))
-)
-#: (one row, many rows) -> statement, plain or locking (FOR UPDATE; SQLite renders no clause:
-#: its writers hold the database lock from BEGIN IMMEDIATE).
-_LOADS = {
-    False: (_LOAD_ONE, _LOAD_MANY),
-    True: (_LOAD_ONE.with_for_update(), _LOAD_MANY.with_for_update()),
-}
+
+
+@lru_cache(maxsize=32)
+def _load_rows(length: int, lock: bool) -> Select[Any]:
+    """The rows of an ``IN`` list of ``length`` keys (see :func:`bulk.in_list`), plain or
+    locking (FOR UPDATE; SQLite renders no clause: its writers hold the database lock from
+    BEGIN IMMEDIATE)."""
+    key = (sync_rows.c.entity, sync_rows.c.row_id)
+    query = _ROW_COLUMNS.where(tuple_(*key).in_(in_binds("k", key, length)))
+    return query.with_for_update() if lock else query
 
 
 def _family(conn: Connection) -> str:
@@ -179,16 +178,11 @@ class ChangeLog:
         # Sorted: rows are locked in key order however the ops name them, so two transactions
         # locking overlapping rows in several statements queue instead of deadlocking.
         wanted = sorted(k for k in dict.fromkeys(keys) if k not in self._rows)
-        load_one, load_many = _LOADS[lock]
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
+        for start in range(0, len(wanted), IN_LENGTHS[-1]):
+            chunk = wanted[start : start + IN_LENGTHS[-1]]
             found: dict[Key, RowState] = {}
-            if len(chunk) == 1:
-                ((entity, row_id),) = chunk
-                result = self.conn.execute(load_one, {"k_entity": entity, "k_row_id": row_id})
-            else:
-                result = self.conn.execute(load_many, {"keys": chunk})
-            for r in result:
+            query = _load_rows(in_length(len(chunk)), lock)
+            for r in execute(self.conn, query, in_list("k", chunk)):
                 found[(r.entity, r.row_id)] = RowState(
                     entity=r.entity,
                     id=r.row_id,

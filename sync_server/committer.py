@@ -82,7 +82,8 @@ class PushCommitter:
         self._published = published
         self._guard = threading.Lock()
         self._queue: deque[_Waiting] = deque()
-        #: When each group being applied began (monotonic), newest last.
+        #: When each group being applied began (monotonic), newest last; each drain removes
+        #: its own.
         self._running: list[float] = []
         #: Devices with a push in a running group -> how many such pushes.
         self._busy: dict[str, int] = {}
@@ -104,30 +105,36 @@ class PushCommitter:
             len(unit.change_sets),
             sum(len(cs.ops) for cs in unit.change_sets),
         )
+        started = time.monotonic()
         with self._guard:
             self._queue.append(waiting)
             start = not self._running
             if start:
-                self._running.append(time.monotonic())
+                self._running.append(started)
         if start:
-            self._schedule()
+            self._schedule(started)
         else:
             loop.call_later(STALLED_AFTER, self._widen)
         return await waiting.future
 
     def _widen(self) -> None:
         """Start another group beside the running ones if the newest of them has been running
-        for long (waiting on a lock, most likely) and pushes still wait."""
+        for long (waiting on a lock, most likely) and pushes still wait; if it has not been
+        running for long yet, look again when it will have. (On the event loop.)"""
+        now = time.monotonic()
+        again = 0.0
         with self._guard:
-            start = (
-                self._eligible()
-                and 0 < len(self._running) < self._max_running
-                and time.monotonic() - self._running[-1] >= STALLED_AFTER
-            )
+            start = self._eligible() and 0 < len(self._running) < self._max_running
             if start:
-                self._running.append(time.monotonic())
+                age = now - self._running[-1]
+                if age < STALLED_AFTER:
+                    start, again = False, STALLED_AFTER - age
+                else:
+                    self._running.append(now)
         if start:
-            self._schedule()
+            self._schedule(now)
+        elif again:
+            asyncio.get_running_loop().call_later(again, self._widen)
 
     def _lease(self) -> Connection:
         """The kept connection, or one from the pool (checked there, ``pool_pre_ping``) when it
@@ -161,9 +168,10 @@ class PushCommitter:
     def _groupable(self, waiting: _Waiting) -> bool:
         return waiting.change_sets <= self._group_limit and waiting.ops <= MAX_GROUP_OPS
 
-    def _schedule(self) -> None:
+    def _schedule(self, started: float) -> None:
+        """Run a drain, whose entry in ``_running`` is ``started``, on a sync thread."""
         try:
-            self._executor.submit(self._drain)
+            self._executor.submit(self._drain, started)
         except RuntimeError:  # shutting down: the executor takes nothing new
             with self._guard:
                 waiting = list(self._queue)
@@ -204,7 +212,7 @@ class PushCommitter:
             self._busy[w.unit.device_id] = self._busy.get(w.unit.device_id, 0) + 1
         return group
 
-    def _drain(self) -> None:
+    def _drain(self, started: float) -> None:
         """Apply one group; the next one is scheduled behind the threads' other work."""
         with self._guard:
             group = self._take()
@@ -222,12 +230,13 @@ class PushCommitter:
                     if left:
                         self._busy[w.unit.device_id] = left
                 more = self._eligible()
-                if self._running:
-                    self._running.pop(0)  # which entry does not matter: only their number
+                if started in self._running:  # gone only if shutdown cleared them all
+                    self._running.remove(started)
                 if more:
-                    self._running.append(time.monotonic())
+                    again = time.monotonic()
+                    self._running.append(again)
             if more:
-                self._schedule()
+                self._schedule(again)
 
     def _apply(self, group: Sequence[_Waiting]) -> None:
         admitted: list[_Waiting] = []
@@ -251,15 +260,19 @@ class PushCommitter:
                 ]
             else:
                 results = push_group(conn, units, registry=self._registry, identify=principals)
-            if conn.in_transaction():  # a refusal's reads: nothing to keep
-                conn.rollback()
         except Exception as exc:  # the database is unreachable, say: every unit fails with it
             if conn is not None:
                 _close(conn)
             for w in admitted:
                 _settle(w, exc)
             return
-        self._give_back(conn)
+        try:
+            if conn.in_transaction():  # a refusal's reads: nothing to keep
+                conn.rollback()
+        except Exception:  # the results stand (they were committed); the connection goes
+            _close(conn)
+        else:
+            self._give_back(conn)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "applied %d pushes (%d change-sets) as one group in %.1f ms",

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import msgspec
@@ -174,7 +174,10 @@ def push_alone(
         )
     except Exception as exc:
         if conn.in_transaction() or conn.invalidated:
-            conn.rollback()
+            try:
+                conn.rollback()
+            except Exception:  # the connection died: the pool replaces it on next use
+                conn.invalidate()
         return exc
 
 
@@ -369,13 +372,24 @@ def _holders_of(
     asks for each change-set: the group's index also holds values other change-sets asked
     about, which the database compares by its collation (case- and accent-insensitive on
     MariaDB, as ``unique_form`` does; exact on SQLite)."""
-    fold = (lambda values: values) if exact else (lambda v: tuple(unique_form(x) for x in v))
+    if not candidates:
+        return {}
+    fold = _exact if exact else _folded
     wanted = {(entity, scope, group, fold(values)) for entity, scope, group, values in candidates}
     return {
         key: owner
         for key, owner in holders.items()
         if (key[0], key[1], key[2], fold(key[3])) in wanted
     }
+
+
+def _exact(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return values
+
+
+@lru_cache(maxsize=4096)
+def _folded(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(unique_form(v) for v in values)
 
 
 def _move_holders(

@@ -220,6 +220,44 @@ def test_a_group_stuck_on_a_lock_does_not_hold_back_other_pushes(
     assert isinstance(second, PushResult) and second.outcomes[0].replayed
 
 
+def test_pushes_behind_two_stuck_groups_get_a_third(
+    mysql_engine: Engine, mysql_resources: Resources, cheap_passwords: None
+) -> None:
+    # Grouping off: each push is a group of its own, so the second stuck push cannot take the
+    # third with it, and the third must get a group when the second has been stuck long enough.
+    factory = Factory(mysql_resources)
+    committer = _committer(mysql_resources, group_limit=0)
+    users = [factory.user("manager", [factory.branch()]) for _ in range(3)]
+    device_ids = [factory.device(u) for u in users]
+    units = [
+        _unit(mysql_resources, factory, u, d, _cs(1, item_op()))
+        for u, d in zip(users, device_ids, strict=True)
+    ]
+
+    async def scenario(locker: Any) -> tuple[Any, float, list[Any]]:
+        stuck = [asyncio.ensure_future(committer.push(units[0], admit=_open))]
+        await asyncio.sleep(0.1)
+        stuck.append(asyncio.ensure_future(committer.push(units[1], admit=_open)))
+        await asyncio.sleep(0.05)  # the third arrives before the second gets its group
+        started = time.monotonic()
+        answer = await asyncio.wait_for(committer.push(units[2], admit=_open), timeout=10)
+        took = time.monotonic() - started
+        assert not any(f.done() for f in stuck)
+        locker.rollback()
+        return answer, took, await asyncio.wait_for(asyncio.gather(*stuck), timeout=10)
+
+    with mysql_engine.connect() as locker:
+        locker.begin()
+        for device_id in device_ids[:2]:
+            locker.execute(select(devices.c.id).where(devices.c.id == device_id).with_for_update())
+        answer, took, late = asyncio.run(scenario(locker))
+    committer.close()
+
+    assert isinstance(answer, PushResult) and answer.outcomes[0].status == "applied"
+    assert took < 3
+    assert all(isinstance(a, PushResult) and a.outcomes[0].status == "applied" for a in late)
+
+
 def test_every_waiting_push_is_answered_when_no_connection_can_be_had(
     resources: Resources,
 ) -> None:
