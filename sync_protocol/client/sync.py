@@ -155,6 +155,7 @@ class SyncClient:
         app_version: str = "1.0.0",
         intents: Mapping[str, IntentApplier] | None = None,
         page_limit: int = m.DEFAULT_PULL_LIMIT,
+        initial_page_limit: int | None = m.MAX_PULL_LIMIT,
         backoff: Backoff | None = None,
         media_type: str = MSGPACK,
     ) -> None:
@@ -163,6 +164,9 @@ class SyncClient:
         self.platform = platform
         self.app_version = app_version
         self.page_limit = page_limit
+        # Catching up from version 0 (first sync, reset), the fewer round trips the better: the
+        # largest pages the server allows. (None: ``page_limit`` throughout.)
+        self.initial_page_limit = initial_page_limit or page_limit
         self.backoff = backoff or Backoff()
 
     @property
@@ -311,12 +315,17 @@ class SyncClient:
 
     def _pull(self, report: SyncReport) -> None:
         # Step 3: pages go to staging; the view does not move until we are caught up.
+        limit = self.page_limit
+        # From scratch: nothing committed yet (a first sync, or one resumed after an
+        # interruption), or every scope being reset.
+        if not any(self.replica.cursors().values()) or not any(
+            self.replica.pull_cursors().values()
+        ):
+            limit = max(self.page_limit, self.initial_page_limit)
         while True:
             cursors = self.replica.pull_cursors()
             page = self.transport.pull(
-                m.PullRequest(
-                    m.PROTOCOL_VERSION, self.device_id, cursors=cursors, limit=self.page_limit
-                )
+                m.PullRequest(m.PROTOCOL_VERSION, self.device_id, cursors=cursors, limit=limit)
             )
             total = 0
             for change in page.changes:

@@ -123,6 +123,7 @@ def device(
     device_id: str | None = None,
     tokens: TokenSource | None = None,
     page_limit: int = 1000,
+    initial_page_limit: int | None = None,
     attempts: int = 6,
     **kwargs: Any,
 ) -> SyncClient:
@@ -135,6 +136,8 @@ def device(
         device_id=device_id,
         intents=INTENTS,
         page_limit=page_limit,
+        # Tests choose their page size for the initial sync too (small ones page through it).
+        initial_page_limit=initial_page_limit,
         backoff=quick_backoff(attempts),
         **kwargs,
     )

@@ -183,6 +183,30 @@ def test_a_lost_pull_answer_is_asked_again(
     assert replica_image(a) == server_image(resources.engine, scopes_of(alice.branch_ids), "staff")
 
 
+def test_an_initial_sync_asks_for_the_largest_pages_and_later_pulls_for_the_usual_ones(
+    tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp], resources: Resources
+) -> None:
+    branch = factory.branch()
+    boss = factory.user("manager", [branch])
+    alice = factory.user("staff", [branch])
+    m = device(str(tmp_path / "m.db"), network(), factory, boss)
+    for i in range(12):
+        m.create(INVENTORY, flour(f"SKU-{i}"))
+    m.sync()
+    a = device(str(tmp_path / "a.db"), network(), factory, alice, page_limit=2)
+    a.initial_page_limit = 100  # as the client's default (MAX_PULL_LIMIT) does, scaled down
+
+    first = a.sync()
+    for i in range(6):
+        m.create(INVENTORY, flour(f"MORE-{i}"))
+    m.sync()
+    later = a.sync()
+
+    assert first.pages == 1  # every row at once, where 2-row pages would have taken 7+
+    assert later.pages == 3  # 6 new rows, 2 by 2
+    assert replica_image(a) == server_image(resources.engine, scopes_of(alice.branch_ids), "staff")
+
+
 def test_interrupted_initial_sync_resumes_without_duplicates_or_holes(
     tmp_path: Path, factory: Factory, network: Callable[[], FlakyHttp], resources: Resources
 ) -> None:
