@@ -30,7 +30,8 @@ def fuzz_app(sqlite_engine: Engine) -> Iterator[tuple[Any, dict[str, str]]]:
     factory.user("staff", [branch])
     admin = factory.user("admin")
     APP.app = create_app(resources=res)
-    yield APP.app, factory.auth(admin)
+    APP.headers = factory.auth(admin)
+    yield APP.app, APP.headers
     APP.app = None
     res.release()
 
@@ -39,6 +40,8 @@ class _AppUnderTest:
     """The ASGI app schemathesis calls: the one the current test built (fresh database)."""
 
     app: Any = None
+    #: The admin's Authorization header, for the auth provider below.
+    headers: dict[str, str] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)
@@ -50,6 +53,21 @@ schema = schemathesis.openapi.from_dict(build_document(api))
 schema.app = APP
 
 
+@schema.auth(refresh_interval=None)  # each test's own admin: never a cached token
+class _AdminAuth:
+    """The test's admin signs every request, through schemathesis' own auth hook rather than
+    extra headers: schemathesis then knows the Authorization header is supplied, and does not
+    count a request it generated without one, which the header then made valid, as invalid
+    data the API wrongly accepted (a known false positive of passing auth as headers)."""
+
+    def get(self, case: Any, context: Any) -> str:
+        # Also asked while tests are collected, before any admin exists.
+        return APP.headers.get("Authorization", "Bearer none-yet")
+
+    def set(self, case: Any, data: str, context: Any) -> None:
+        case.headers = {**(case.headers or {}), "Authorization": data}
+
+
 @schema.parametrize()
 @settings(
     max_examples=25,
@@ -59,10 +77,8 @@ schema.app = APP
 def test_no_input_makes_the_api_fail_or_break_its_contract(
     case: Any, fuzz_app: tuple[Any, dict[str, str]]
 ) -> None:
-    _, admin_headers = fuzz_app
     case.call_and_validate(
         base_url="http://testserver/api/v1",
-        headers=admin_headers,
         # Opaque values (cursors, tokens, ids) can be schema-valid and still unknown: a 422 or
         # 404 for them is the contract, not a defect.
         excluded_checks=[schemathesis.checks.positive_data_acceptance],
