@@ -105,7 +105,6 @@ _LOCK_DEVICES = (
 class _Apply:
     """A change-set of the group to plan and write."""
 
-    unit: int
     device_id: str
     principal: Principal
     change_set: m.ChangeSet
@@ -239,7 +238,7 @@ def _apply_group(
                 plan.gap = SeqGap(expected=seq + 1)
                 break
             ops = [to_domain_op(op, registry) for op in change_set.ops]
-            entry = _Apply(i, unit.device_id, principal, change_set, ops)
+            entry = _Apply(unit.device_id, principal, change_set, ops)
             taken[(unit.device_id, change_set.seq)] = entry
             to_apply.append(entry)
             plan.entries.append(entry)
