@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, null, select, union_all
+from sqlalchemy import CompoundSelect, bindparam, null, select, union_all
 from sqlalchemy.engine import Connection
 from starlette.requests import Request
 
@@ -58,44 +58,23 @@ _SIGNED_OUT = (
     .where(refresh_tokens.c.revoked_at.is_not(None))
     .exists()
 )
+#: A user's own columns, and the user with one row per branch (a NULL one without branches).
+_USER = (users.c.id, users.c.role, users.c.display_name, users.c.is_active, users.c.token_epoch)
+_WITH_BRANCHES = users.outerjoin(user_branches, user_branches.c.user_id == users.c.id)
 _IDENTITY = (
-    select(
-        users.c.id,
-        users.c.role,
-        users.c.display_name,
-        users.c.is_active,
-        users.c.token_epoch,
-        _SIGNED_OUT.label("signed_out"),
-        user_branches.c.branch_id,
-    )
-    .select_from(users.outerjoin(user_branches, user_branches.c.user_id == users.c.id))
+    select(*_USER, _SIGNED_OUT.label("signed_out"), user_branches.c.branch_id)
+    .select_from(_WITH_BRANCHES)
     .where(users.c.id == bindparam("user_id"))
 )
 _ALL_BRANCHES = select(branches.c.id)
 #: Several users at once (:func:`load_identities`) and, in the same round trip, which of the
 #: requests' token sessions ended: rows with a ``jti`` name a signed-out session, the others
 #: are a user's (one per branch).
-_IDENTITIES = union_all(
-    select(
-        users.c.id,
-        users.c.role,
-        users.c.display_name,
-        users.c.is_active,
-        users.c.token_epoch,
-        user_branches.c.branch_id,
-        null().label("jti"),
-    )
-    .select_from(users.outerjoin(user_branches, user_branches.c.user_id == users.c.id))
+_IDENTITIES: CompoundSelect[Any] = union_all(
+    select(*_USER, user_branches.c.branch_id, null().label("jti"))
+    .select_from(_WITH_BRANCHES)
     .where(users.c.id.in_(bindparam("user_ids", expanding=True))),
-    select(
-        null(),
-        null(),
-        null(),
-        null(),
-        null(),
-        null(),
-        refresh_tokens.c.access_jti,
-    ).where(
+    select(*(null() for _ in range(len(_USER) + 1)), refresh_tokens.c.access_jti).where(
         refresh_tokens.c.access_jti.in_(bindparam("jtis", expanding=True)),
         refresh_tokens.c.revoked_at.is_not(None),
     ),

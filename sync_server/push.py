@@ -27,6 +27,7 @@ from conflict.planner import (
     ConflictDraft,
     OpIssue,
     Plan,
+    UniqueIndex,
     plan_change_set,
     touched_keys,
     with_home_branch,
@@ -36,6 +37,7 @@ from domain.ops import CreateOp, DeleteOp, IntentOp, Op, PatchOp, Principal, Row
 from domain.registry import Registry
 from sync_protocol import messages as m
 
+from . import bulk
 from .changelog import ChangeLog, ScopeNotLocked
 from .db import transact
 from .directory import DeviceRefused, utcnow
@@ -293,48 +295,18 @@ def apply_change_set(
 
     # Step 5: the functional core decides.
     holders = unique_index(conn, [(ops, principal)], rows, registry)
-    try:
-        plan = plan_change_set(ops, principal, rows, registry, holders)
-    except Exception:
-        # A bug in the pure core fails the same way on every retry: answering 500 would block
-        # the device's queue for good. Reject and keep the change-set for review instead.
-        log.exception("planning change-set %s of device %s failed", change_set.id, device_id)
-        plan = Plan(
-            errors=[OpIssue(-1, "server_error", "the server could not process this change-set")]
-        )
+    plan = plan_safely(ops, principal, rows, registry, holders, change_set, device_id)
 
     # Step 6: write the plan: rows and their records at the scope's next version, conflicts.
     conflict_ids: list[str] = []
     versions: dict[str, int] = {}
     if not plan.rejected:
         records = RecordWriter(conn, registry, now)
-        for write in plan.writes.values():
-            version = changelog.write(
-                write.entity, write.id, write.scope, write.data, write.changed
-            )
-            records.save(
-                write.entity,
-                write.id,
-                write.data,
-                version=version,
-                created=write.created,
-                changed=write.changed,
-            )
+        conflict_ids, conflicts_found = write_plan(
+            plan, changelog, records, device_id, principal, change_set, now
+        )
         records.flush()
-        for draft in plan.conflicts:
-            conflict_id = str(uuid.uuid4())
-            conflict_ids.append(conflict_id)
-            conn.execute(
-                INSERT_CONFLICT,
-                conflict_row(
-                    draft,
-                    conflict_id=conflict_id,
-                    device_id=device_id,
-                    principal=principal,
-                    change_set=change_set,
-                    now=now,
-                ),
-            )
+        bulk.write(conn, INSERT_CONFLICT, conflicts_found)
         versions = changelog.finish()
 
     # Step 7: record the outcome, in the same transaction as the writes (the device's seq
@@ -364,6 +336,65 @@ def _storable_ops(ops: Sequence[m.Op]) -> bytes:
         return _encode(ops)
     except OverflowError:
         return _encode(_beyond_msgpack(msgspec.to_builtins(ops)))
+
+
+def plan_safely(
+    ops: Sequence[Op],
+    principal: Principal,
+    rows: Mapping[tuple[str, str], RowState | None],
+    registry: Registry,
+    holders: UniqueIndex,
+    change_set: m.ChangeSet,
+    device_id: str,
+) -> Plan:
+    """Step 5: the functional core's plan, or a rejection when the core itself fails."""
+    try:
+        return plan_change_set(ops, principal, rows, registry, holders)
+    except Exception:
+        # A bug in the pure core fails the same way on every retry: answering 500 would block
+        # the device's queue for good. Reject and keep the change-set for review instead.
+        log.exception("planning change-set %s of device %s failed", change_set.id, device_id)
+        return Plan(
+            errors=[OpIssue(-1, "server_error", "the server could not process this change-set")]
+        )
+
+
+def write_plan(
+    plan: Plan,
+    changelog: ChangeLog,
+    records: RecordWriter,
+    device_id: str,
+    principal: Principal,
+    change_set: m.ChangeSet,
+    now: datetime,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Step 6 for an accepted plan: every row image into the log (at its scope's version) and
+    the records; returns the conflicts' new ids and rows, for the caller to store."""
+    for write in plan.writes.values():
+        version = changelog.write(write.entity, write.id, write.scope, write.data, write.changed)
+        records.save(
+            write.entity,
+            write.id,
+            write.data,
+            version=version,
+            created=write.created,
+            changed=write.changed,
+        )
+    ids: list[str] = []
+    found: list[dict[str, Any]] = []
+    for draft in plan.conflicts:
+        ids.append(str(uuid.uuid4()))
+        found.append(
+            conflict_row(
+                draft,
+                conflict_id=ids[-1],
+                device_id=device_id,
+                principal=principal,
+                change_set=change_set,
+                now=now,
+            )
+        )
+    return ids, found
 
 
 def conflict_row(

@@ -27,7 +27,6 @@ through ``push`` as before, one transaction per change-set.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,7 +38,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from conflict.planner import OpIssue, Plan, plan_change_set, touched_keys
+from conflict.planner import Plan, touched_keys
 from domain.ops import Op, Principal, RowState
 from domain.registry import Registry, unique_form
 from sync_protocol import messages as m
@@ -54,9 +53,9 @@ from .push import (
     INSERT_RECORD,
     PushResult,
     SeqGap,
-    conflict_row,
     device_principal,
     outcome_for,
+    plan_safely,
     push,
     record_row,
     scopes_to_lock,
@@ -64,6 +63,7 @@ from .push import (
     to_domain_op,
     unique_candidates,
     unique_index,
+    write_plan,
 )
 from .records import RecordWriter
 from .tables import devices
@@ -302,45 +302,18 @@ def _write(conn: Connection, group: Sequence[_Apply], registry: Registry, now: d
             unique_candidates(entry.ops, entry.principal, current, registry),
             exact=conn.dialect.name == "sqlite",
         )
-        try:
-            plan = plan_change_set(entry.ops, entry.principal, current, registry, asked)
-        except Exception:
-            log.exception(
-                "planning change-set %s of device %s failed", entry.change_set.id, entry.device_id
-            )
-            plan = Plan(
-                errors=[OpIssue(-1, "server_error", "the server could not process this change-set")]
-            )
+        plan = plan_safely(
+            entry.ops, entry.principal, current, registry, asked, entry.change_set, entry.device_id
+        )
         # Step 6.
         conflict_ids: list[str] = []
         versions: dict[str, int] = {}
         if not plan.rejected:
-            for write in plan.writes.values():
-                version = changelog.write(
-                    write.entity, write.id, write.scope, write.data, write.changed
-                )
-                records.save(
-                    write.entity,
-                    write.id,
-                    write.data,
-                    version=version,
-                    created=write.created,
-                    changed=write.changed,
-                )
+            conflict_ids, found = write_plan(
+                plan, changelog, records, entry.device_id, entry.principal, entry.change_set, now
+            )
+            conflict_rows.extend(found)
             _move_holders(holders, plan, current, registry)
-            for draft in plan.conflicts:
-                conflict_id = str(uuid.uuid4())
-                conflict_ids.append(conflict_id)
-                conflict_rows.append(
-                    conflict_row(
-                        draft,
-                        conflict_id=conflict_id,
-                        device_id=entry.device_id,
-                        principal=entry.principal,
-                        change_set=entry.change_set,
-                        now=now,
-                    )
-                )
             versions = changelog.seal()
         entry.outcome = outcome_for(entry.change_set, plan, versions, conflict_ids)
         outcome_rows.append(

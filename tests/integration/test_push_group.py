@@ -382,6 +382,14 @@ def _unit(pair: dict[str, Any], who: int, seq: int, *ops: dict[str, Any]) -> Pus
     return PushUnit(pair["devices"][who], sets, pair["users"][who])
 
 
+def _create(row: str, fields: dict[str, Any]) -> dict[str, Any]:
+    return {"op": "create", "entity": "inventory_items", "id": uid(row), "fields": fields}
+
+
+def _statuses(results: list[UnitResult]) -> list[str]:
+    return [r.outcomes[0].status for r in results if isinstance(r, PushResult)]
+
+
 def _patch(pair: dict[str, Any], row: str, **fields: Any) -> dict[str, Any]:
     row_id = uid(row)
     base = pair["versions"][row_id]
@@ -443,18 +451,10 @@ def test_a_sku_released_earlier_in_the_group_can_be_taken(
         twin,
         [
             _unit(pair, 0, 1, _patch(pair, "seed-a-0", sku="S-7")),
-            _unit(
-                pair,
-                1,
-                1,
-                {"op": "create", "entity": "inventory_items", "id": uid("new"), "fields": fields},
-            ),
+            _unit(pair, 1, 1, _create("new", fields)),
         ],
     )
-    assert [r.outcomes[0].status for r in results if isinstance(r, PushResult)] == [
-        "applied",
-        "applied",
-    ]
+    assert _statuses(results) == ["applied", "applied"]
 
 
 @pytest.mark.usefixtures("cheap_passwords")
@@ -466,24 +466,11 @@ def test_a_sku_taken_earlier_in_the_group_is_a_conflict(
         db,
         twin,
         [
-            _unit(
-                pair,
-                0,
-                1,
-                {"op": "create", "entity": "inventory_items", "id": uid("one"), "fields": fields},
-            ),
-            _unit(
-                pair,
-                1,
-                1,
-                {"op": "create", "entity": "inventory_items", "id": uid("two"), "fields": fields},
-            ),
+            _unit(pair, 0, 1, _create("one", fields)),
+            _unit(pair, 1, 1, _create("two", fields)),
         ],
     )
-    assert [r.outcomes[0].status for r in results if isinstance(r, PushResult)] == [
-        "applied",
-        "applied_with_conflicts",
-    ]
+    assert _statuses(results) == ["applied", "applied_with_conflicts"]
 
 
 @pytest.mark.usefixtures("cheap_passwords")
