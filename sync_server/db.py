@@ -31,6 +31,8 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
+from .bulk import allow_statement_batches
+
 log = logging.getLogger("galley.db")
 
 T = TypeVar("T")
@@ -75,6 +77,7 @@ def create_db_engine(
             isolation_level="READ COMMITTED",
         )
         _roll_back_open_transactions(engine)
+        allow_statement_batches(engine)
         return engine
     raise ValueError(f"unsupported database: {url.get_backend_name()}")
 

@@ -305,15 +305,19 @@ def apply_change_set(
         conflict_ids, conflicts_found = write_plan(
             plan, changelog, records, device_id, principal, change_set, now
         )
-        records.flush()
-        bulk.write(conn, INSERT_CONFLICT, conflicts_found)
-        versions = changelog.finish()
+    # The writes left, in one round trip (nothing below reads).
+    with bulk.held(conn):
+        if not plan.rejected:
+            records.flush()
+            bulk.write(conn, INSERT_CONFLICT, conflicts_found)
+            versions = changelog.finish()
 
-    # Step 7: record the outcome, in the same transaction as the writes (the device's seq
-    # was advanced after step 3).
-    return record(
-        record_id=change_set_id, outcome=outcome_for(change_set, plan, versions, conflict_ids)
-    )
+        # Step 7: record the outcome, in the same transaction as the writes (the device's seq
+        # was advanced after step 3).
+        outcome = record(
+            record_id=change_set_id, outcome=outcome_for(change_set, plan, versions, conflict_ids)
+        )
+    return outcome
 
 
 def _beyond_msgpack(value: Any) -> Any:
@@ -460,7 +464,8 @@ def _record(
     now: datetime,
 ) -> m.Outcome:
     """Step 7: store the outcome (the device's last applied seq was advanced before step 4)."""
-    conn.execute(
+    bulk.write(
+        conn,
         INSERT_RECORD,
         record_row(
             device_id=device_id,

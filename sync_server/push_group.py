@@ -246,16 +246,7 @@ def _apply_group(
         plan.last_applied = last[unit.device_id]
 
     if to_apply:
-        _write(conn, to_apply, registry, now)
-        # Step 7 for the devices: their new last applied seq.
-        moved = {e.device_id: last[e.device_id] for e in to_apply}
-        update_rows(
-            conn,
-            devices,
-            "id",
-            [{"id": d, "last_applied_seq": seq} for d, seq in sorted(moved.items())],
-            {"last_seen_at": now},
-        )
+        _write(conn, to_apply, registry, now, {e.device_id: last[e.device_id] for e in to_apply})
 
     for i, plan in plans.items():
         outcomes: list[m.Outcome] = []
@@ -278,8 +269,15 @@ def _apply_group(
     return [r for r in results if r is not None]
 
 
-def _write(conn: Connection, group: Sequence[_Apply], registry: Registry, now: datetime) -> None:
-    """Steps 4 to 7 for every change-set of the group, in order."""
+def _write(
+    conn: Connection,
+    group: Sequence[_Apply],
+    registry: Registry,
+    now: datetime,
+    seqs: Mapping[str, int],
+) -> None:
+    """Steps 4 to 7 for every change-set of the group, in order; ``seqs``: each device's new
+    last applied seq."""
     # Step 4: lock every row the group names, then every scope counter it writes (sorted).
     keys = list(dict.fromkeys(k for e in group for k in touched_keys(e.ops, registry)))
     changelog = ChangeLog(conn, now)
@@ -326,12 +324,22 @@ def _write(conn: Connection, group: Sequence[_Apply], registry: Registry, now: d
                 now=now,
             )
         )
-    records.flush()
-    changelog.finish()
-    # Step 7: the outcomes (before the conflicts, which name their change-sets).
-    bulk.write(conn, INSERT_RECORD, outcome_rows)
-    if conflict_rows:
-        bulk.write(conn, INSERT_CONFLICT, conflict_rows)
+    # The writes left, in one round trip: nothing below reads.
+    with bulk.held(conn):
+        records.flush()
+        changelog.finish()
+        # Step 7: the outcomes (before the conflicts, which name their change-sets), and the
+        # devices' new last applied seqs.
+        bulk.write(conn, INSERT_RECORD, outcome_rows)
+        if conflict_rows:
+            bulk.write(conn, INSERT_CONFLICT, conflict_rows)
+        update_rows(
+            conn,
+            devices,
+            "id",
+            [{"id": d, "last_applied_seq": seq} for d, seq in sorted(seqs.items())],
+            {"last_seen_at": now},
+        )
 
 
 def _holders_of(
