@@ -16,6 +16,15 @@ group (a retry of a stuck push must not stall the pushes that got around it).
 
 A request too large for a group (a device sending its backlog) is applied alone by
 :func:`~sync_server.push.push`, one transaction per change-set, in its turn.
+
+**Gathering.** Devices pushing back to back (a queue sent request after request, a busy
+service) would otherwise split into two cohorts that alternate: those answered by one group
+push again while the next group, of the others, runs, and so on, each group paying the fixed
+cost of a transaction for half of them. So when a group ends, the next one waits for the
+devices just answered that had themselves pushed again promptly after their previous answer
+(within ``GALLEY_PUSH_GATHER_MS``), until they are queued again or that long after the group
+ended, whichever comes first. A device's first push, or one after a pause, is nobody's reason
+to wait: a quiet server applies each push at once.
 """
 
 from __future__ import annotations
@@ -60,6 +69,8 @@ class _Waiting:
     future: asyncio.Future[PushResult]
     change_sets: int
     ops: int
+    #: Whether the device pushed within the gathering time of its previous answer.
+    prompt: bool = False
 
 
 class PushCommitter:
@@ -74,6 +85,8 @@ class PushCommitter:
         group_limit: int,
         max_running: int,
         published: Callable[[dict[str, int]], None],
+        gather_for: float = 0.0,
+        stalled_after: float = STALLED_AFTER,
     ) -> None:
         self._engine = engine
         self._executor = executor
@@ -81,6 +94,15 @@ class PushCommitter:
         self._group_limit = group_limit
         self._published = published
         self._guard = threading.Lock()
+        #: Notified when a push is queued (a drain gathering its group waits on it).
+        self._queued = threading.Condition(self._guard)
+        self._gather_for = gather_for
+        self._stalled_after = stalled_after
+        #: The devices of the last group applied, and when it ended (monotonic).
+        self._answered: dict[str, float] = {}
+        #: Those of them the next group waits for (see :meth:`_gather`), and until when.
+        self._expected: set[str] = set()
+        self._gather_until = 0.0
         self._queue: deque[_Waiting] = deque()
         #: When each group being applied began (monotonic), newest last; each drain removes
         #: its own.
@@ -107,14 +129,17 @@ class PushCommitter:
         )
         started = time.monotonic()
         with self._guard:
+            answered = self._answered.get(unit.device_id)
+            waiting.prompt = answered is not None and started - answered <= self._gather_for
             self._queue.append(waiting)
+            self._queued.notify()
             start = not self._running
             if start:
                 self._running.append(started)
         if start:
             self._schedule(started)
         else:
-            loop.call_later(STALLED_AFTER, self._widen)
+            loop.call_later(self._stalled_after, self._widen)
         return await waiting.future
 
     def _widen(self) -> None:
@@ -127,8 +152,8 @@ class PushCommitter:
             start = self._eligible() and 0 < len(self._running) < self._max_running
             if start:
                 age = now - self._running[-1]
-                if age < STALLED_AFTER:
-                    start, again = False, STALLED_AFTER - age
+                if age < self._stalled_after:
+                    start, again = False, self._stalled_after - age
                 else:
                     self._running.append(now)
         if start:
@@ -161,6 +186,7 @@ class PushCommitter:
         """Give the kept connection back to the pool (shutdown)."""
         with self._guard:
             self.closed = True
+            self._queued.notify_all()
             conn, self._conn = self._conn, None
         if conn is not None:
             _close(conn)
@@ -183,6 +209,26 @@ class PushCommitter:
     def _eligible(self) -> bool:
         """Whether a queued push could join a group now (called with the guard held)."""
         return any(w.unit.device_id not in self._busy for w in self._queue)
+
+    def _gather(self) -> None:
+        """Before taking a group: wait until the devices expected back are queued again, or
+        the gathering time after the last group is over (called with the guard held, which
+        waiting releases). Only the one drain running waits: one started beside a stuck group
+        must not."""
+        while self._expected and not self.closed and len(self._running) == 1:
+            left = self._gather_until - time.monotonic()
+            if left <= 0:
+                return
+            queued = {w.unit.device_id for w in self._queue}
+            if self._expected <= queued or self._full():
+                return
+            self._queued.wait(left)
+
+    def _full(self) -> bool:
+        """Whether the queue already holds a whole group (called with the guard held)."""
+        change_sets = sum(w.change_sets for w in self._queue)
+        ops = sum(w.ops for w in self._queue)
+        return change_sets >= self._group_limit or ops >= MAX_GROUP_OPS
 
     def _take(self) -> list[_Waiting]:
         """The next group: the oldest pushes whose devices are in no running group, within
@@ -215,6 +261,7 @@ class PushCommitter:
     def _drain(self, started: float) -> None:
         """Apply one group; the next one is scheduled behind the threads' other work."""
         with self._guard:
+            self._gather()
             group = self._take()
         try:
             if group:
@@ -280,6 +327,12 @@ class PushCommitter:
                 sum(w.change_sets for w in admitted),
                 (time.monotonic() - started) * 1000,
             )
+        with self._guard:
+            # Before any device hears back: its next push must find itself answered.
+            ended = time.monotonic()
+            self._answered = {w.unit.device_id: ended for w in admitted}
+            self._expected = {w.unit.device_id for w in admitted if w.prompt}
+            self._gather_until = ended + self._gather_for
         versions: dict[str, int] = {}
         for w, result in zip(admitted, results, strict=True):
             if isinstance(result, PushResult):

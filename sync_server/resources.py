@@ -59,6 +59,7 @@ class Resources:
             self.executor,
             default_registry(),
             group_limit=self.settings.push_group_limit,
+            gather_for=self.settings.push_gather_ms / 1000,
             max_running=self.settings.db_workers,
             published=self.publish_versions,
         )

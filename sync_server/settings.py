@@ -55,6 +55,9 @@ class Settings:
     #: Change-sets of concurrent small pushes applied in one transaction (group commit, see
     #: sync_server.push_group); 0 applies every push alone.
     push_group_limit: int = 64
+    #: How long (ms) the next push group waits for the devices just answered that push back to
+    #: back (see sync_server.committer); 0: never.
+    push_gather_ms: int = 20
     #: Requests to /sync/v1 per user (``limits`` notation); None: unlimited.
     sync_rate_limit: str | None = "1200/minute"
     trust_proxy_headers: bool = False
@@ -155,6 +158,9 @@ def load_settings(
     push_group_limit = _int(source, "GALLEY_PUSH_GROUP_LIMIT", 64)
     if push_group_limit < 0:
         raise SettingsError(f"GALLEY_PUSH_GROUP_LIMIT must be 0 or more, got {push_group_limit}")
+    push_gather_ms = _int(source, "GALLEY_PUSH_GATHER_MS", 20)
+    if not 0 <= push_gather_ms <= 100:
+        raise SettingsError(f"GALLEY_PUSH_GATHER_MS must be 0 to 100, got {push_gather_ms}")
 
     return Settings(
         env=env,
@@ -176,6 +182,7 @@ def load_settings(
         max_request_bytes=_int(source, "GALLEY_MAX_REQUEST_BYTES", 5 * 1024 * 1024),
         db_workers=db_workers,
         push_group_limit=push_group_limit,
+        push_gather_ms=push_gather_ms,
         sync_rate_limit=sync_rate_limit,
         trust_proxy_headers=_bool(source.get("GALLEY_TRUST_PROXY_HEADERS")),
         log_level=(source.get("GALLEY_LOG_LEVEL") or "INFO").upper(),

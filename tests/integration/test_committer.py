@@ -165,6 +165,119 @@ def test_with_grouping_off_every_push_is_applied_alone(
     assert len(commits) == 3
 
 
+def _gate() -> tuple[threading.Event, Any]:
+    """An ``admit`` hook that holds its push's group on the committer's thread until set."""
+    gate = threading.Event()
+
+    def hold() -> None:
+        gate.wait()
+
+    return gate, hold
+
+
+def test_a_group_waits_for_the_devices_just_answered_that_push_back_to_back(
+    resources: Resources, factory: Factory, cheap_passwords: None, commits: list[int]
+) -> None:
+    # Without gathering, two devices pushing flat out fall into alternate groups of one each.
+    committer = _committer(resources, gather_for=30.0)
+    branch = factory.branch()
+    prompt, other = factory.user("manager", [branch]), factory.user("manager", [branch])
+    prompt_device, other_device = factory.device(prompt), factory.device(other)
+    gate, hold = _gate()
+
+    def again(seq: int) -> PushUnit:
+        return _unit(resources, factory, prompt, prompt_device, _cs(seq, item_op()))
+
+    async def scenario() -> tuple[Any, Any]:
+        await committer.push(again(1), admit=_open)
+        # Pushed again as soon as answered: this device is expected back after its next group.
+        second = asyncio.ensure_future(committer.push(again(2), admit=hold))
+        await asyncio.sleep(0.1)  # its group is taken and held
+        queued = asyncio.ensure_future(
+            committer.push(
+                _unit(resources, factory, other, other_device, _cs(1, item_op())), admit=_open
+            )
+        )
+        await asyncio.sleep(0.05)
+        commits.clear()
+        gate.set()
+        await asyncio.wait_for(second, timeout=10)
+        await asyncio.sleep(0.2)
+        assert not queued.done()  # waiting for the prompt device, not applied alone
+        third = await asyncio.wait_for(committer.push(again(3), admit=_open), timeout=10)
+        return await asyncio.wait_for(queued, timeout=10), third
+
+    waited, third = asyncio.run(scenario())
+    committer.close()
+
+    assert waited.outcomes[0].status == third.outcomes[0].status == "applied"
+    assert len(commits) == 2  # the held push; then the queued one with the device's next
+
+
+def test_nobody_waits_for_a_device_pushing_for_the_first_time_or_after_a_pause(
+    resources: Resources, factory: Factory, cheap_passwords: None, commits: list[int]
+) -> None:
+    # (No group is taken for stuck within the test: only gathering could hold the second.)
+    committer = _committer(resources, gather_for=30.0, stalled_after=60.0)
+    branch = factory.branch()
+    first, other = factory.user("manager", [branch]), factory.user("manager", [branch])
+    units = [
+        _unit(resources, factory, u, factory.device(u), _cs(1, item_op())) for u in (first, other)
+    ]
+    commits.clear()
+
+    gate, hold = _gate()
+
+    async def scenario() -> list[Any]:
+        held = asyncio.ensure_future(committer.push(units[0], admit=hold))
+        await asyncio.sleep(0.1)
+        queued = asyncio.ensure_future(committer.push(units[1], admit=_open))
+        await asyncio.sleep(0.05)
+        gate.set()
+        # Had the queued push waited for the held push's device, 30 s would pass.
+        return await asyncio.wait_for(asyncio.gather(held, queued), timeout=10)
+
+    answers = asyncio.run(scenario())
+    committer.close()
+    assert [a.outcomes[0].status for a in answers] == ["applied"] * 2
+    assert len(commits) == 2
+
+
+def test_a_prompt_device_that_does_not_come_back_holds_the_next_group_only_so_long(
+    resources: Resources, factory: Factory, cheap_passwords: None
+) -> None:
+    committer = _committer(resources, gather_for=0.3, stalled_after=60.0)
+    branch = factory.branch()
+    prompt, other = factory.user("manager", [branch]), factory.user("manager", [branch])
+    prompt_device = factory.device(prompt)
+    gate, hold = _gate()
+
+    async def scenario() -> Any:
+        await committer.push(
+            _unit(resources, factory, prompt, prompt_device, _cs(1, item_op())), admit=_open
+        )
+        second = asyncio.ensure_future(
+            committer.push(
+                _unit(resources, factory, prompt, prompt_device, _cs(2, item_op())), admit=hold
+            )
+        )
+        await asyncio.sleep(0.1)
+        queued = asyncio.ensure_future(
+            committer.push(
+                _unit(resources, factory, other, factory.device(other), _cs(1, item_op())),
+                admit=_open,
+            )
+        )
+        await asyncio.sleep(0.05)
+        gate.set()
+        await second
+        return await asyncio.wait_for(queued, timeout=10)  # the device never pushes again
+
+    answer = asyncio.run(scenario())
+    committer.close()
+    assert answer.outcomes[0].status == "applied"
+
+
 def _committer(resources: Resources, **overrides: Any) -> PushCommitter:
     options: dict[str, Any] = {
         "group_limit": 64,

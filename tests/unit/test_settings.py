@@ -83,3 +83,12 @@ def test_the_sync_rate_limit_is_a_rate_or_off() -> None:
     assert load_settings({**base, "GALLEY_SYNC_RATE_LIMIT": "off"}, None).sync_rate_limit is None
     with pytest.raises(SettingsError, match="GALLEY_SYNC_RATE_LIMIT"):
         load_settings({**base, "GALLEY_SYNC_RATE_LIMIT": "lots"}, env_file=None)
+
+
+def test_push_groups_gather_prompt_devices_for_20_ms_unless_configured_within_0_to_100() -> None:
+    base = {"GALLEY_SECRET_KEY": "k" * 40}
+    assert load_settings(base, env_file=None).push_gather_ms == 20
+    assert load_settings({**base, "GALLEY_PUSH_GATHER_MS": "0"}, None).push_gather_ms == 0
+    for wrong in ("-1", "101"):
+        with pytest.raises(SettingsError, match="GALLEY_PUSH_GATHER_MS"):
+            load_settings({**base, "GALLEY_PUSH_GATHER_MS": wrong}, env_file=None)
