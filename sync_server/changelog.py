@@ -100,7 +100,7 @@ _ROW_COLUMNS = select(
 )
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
 def _load_rows(length: int, lock: bool) -> Select[Any]:
     """The rows of an ``IN`` list of ``length`` keys (see :func:`bulk.in_list`), plain or
     locking (FOR UPDATE; SQLite renders no clause: its writers hold the database lock from
