@@ -41,6 +41,8 @@ def unique_form(value: Any) -> Any:
     """
     if not isinstance(value, str):
         return value
+    if value.isascii():  # most values (SKUs): nothing to decompose; the same result, sooner
+        return value.lower().rstrip(" ")
     decomposed = unicodedata.normalize("NFD", value)
     bare = "".join(c for c in decomposed if not unicodedata.combining(c))
     return bare.lower().rstrip(" ")

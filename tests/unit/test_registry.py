@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from domain import fields as f
 from domain.catalog import INVENTORY_ITEMS, MENU_ITEMS, STAFF, default_registry
@@ -125,6 +128,15 @@ def test_unique_values_compare_as_the_database_does(a: str, b: str) -> None:
 @pytest.mark.parametrize(("a", "b"), [("FLOUR-25", " FLOUR-25"), ("A-1", "A-2"), ("ab", "a b")])
 def test_different_unique_values_stay_different(a: str, b: str) -> None:
     assert unique_form(a) != unique_form(b)
+
+
+@given(st.text(st.characters(max_codepoint=127)) | st.text())
+def test_the_unique_form_of_any_text_is_its_accentless_lowercase_without_trailing_spaces(
+    value: str,
+) -> None:
+    # The definition, spelled out slowly: the fast path for ASCII text must agree with it.
+    bare = "".join(c for c in unicodedata.normalize("NFD", value) if not unicodedata.combining(c))
+    assert unique_form(value) == bare.lower().rstrip(" ")
 
 
 def test_a_null_never_clashes_in_a_unique_group() -> None:
