@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import msgspec
@@ -97,20 +98,29 @@ def _remember_horizons(
     *,
     pulled: tuple[bytes | None, dict[str, int]] | None = None,
     role: str | None = None,
+    more: bool = False,
+    pulled_at: datetime | None = None,
 ) -> None:
     """After a successful pull: the horizon of each scope in its snapshot, and the lowest
     cursor the device pulled from under it (see :func:`_must_reset`); and, with ``pulled``
     (stored blob, new cursors), the cursors the device now stands at. Written only when they
     change — a device's first pull, after compactions, after a pull that returned rows — so
     idle pulls stay read-only. ``role``: the role the pulled rows were filtered for, when it
-    changed (see step 2)."""
+    changed (see step 2).
+
+    The cursors are informational (protocol.md § 12): while a device pages through a
+    catch-up (``more``), they are stored at most every :data:`CURSORS_EVERY` (``pulled_at``:
+    when they last were), and at its last page; a write transaction per page cost an initial
+    sync an eighth of its server time. The horizons are stored whenever they change: step 2
+    depends on them."""
     values: dict[str, Any] = {}
     if role is not None:
         values["pulled_role"] = role
     if pulled is not None:
         stored, moved = pulled
         blob_cursors = _encode(dict(sorted(moved.items())))
-        if blob_cursors != stored:
+        due = not more or pulled_at is None or utcnow() - pulled_at >= CURSORS_EVERY
+        if blob_cursors != stored and due:
             values["pull_cursors"] = blob_cursors
             values["last_pulled_at"] = utcnow()
     now: dict[str, tuple[int, int]] = {}
@@ -127,6 +137,9 @@ def _remember_horizons(
         conn, lambda c: c.execute(update(devices).where(devices.c.id == device_id).values(**values))
     )
 
+
+#: How often, at most, the cursors of a device paging through a catch-up are stored.
+CURSORS_EVERY = timedelta(seconds=30)
 
 #: A page row as the driver returns it: (entity, row_id, version, deleted, data).
 PageRow = tuple[str, str, int, Any, bytes]
@@ -283,6 +296,7 @@ def pull(
             devices.c.seen_horizons,
             devices.c.pull_cursors,
             devices.c.pulled_role,
+            devices.c.last_pulled_at,
             devices.c.user_id,
             devices.c.revoked_at,
         ).where(devices.c.id == device_id)
@@ -382,6 +396,8 @@ def pull(
         cursors,
         pulled=(stored_cursors, out_cursors),
         role=None if device.pulled_role == role.value else role.value,
+        more=has_more,
+        pulled_at=device.last_pulled_at,
     )
     return PullOut(
         protocol=m.PROTOCOL_VERSION,

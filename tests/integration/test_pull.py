@@ -254,6 +254,22 @@ def test_the_server_remembers_where_each_device_last_pulled_and_idle_pulls_write
     assert _device_pull_state(db, dev.id) == (caught_up, when)
 
 
+def test_cursors_are_stored_at_the_first_and_last_page_of_a_catch_up_not_at_every_page(
+    client: Any, db: Engine, org: Org
+) -> None:
+    # Each store is a write transaction: an initial sync of many pages would pay one per page.
+    dev = org.manager
+    write_versions(db, branch_scope(org.a), versions=4, rows_per_version=2)
+
+    first = pull(client, dev, limit=2)
+    second = pull(client, dev, first["cursors"], limit=2)
+    assert first["has_more"] and second["has_more"]
+    assert _device_pull_state(db, dev.id)[0] == first["cursors"]
+
+    _, _, caught_up = pull_all(client, dev, limit=2, cursors=second["cursors"])
+    assert _device_pull_state(db, dev.id)[0] == caught_up
+
+
 def test_a_role_change_rebuilds_the_replica_so_a_demoted_manager_loses_staff_contacts(
     client: Any, db: Engine, org: Org, factory: Factory
 ) -> None:
