@@ -36,6 +36,7 @@ from pymysql.constants import CLIENT  # type: ignore[import-untyped]
 from pymysql.cursors import RE_INSERT_VALUES as _INSERT_VALUES  # type: ignore[import-untyped]
 from sqlalchemy import Table, Update, bindparam, case, event, tuple_, update
 from sqlalchemy.engine import Connection, Dialect, Engine, Result
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import Executable, sqltypes
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
@@ -123,6 +124,8 @@ _HELD = "galley_held_writes"
 #: Execution option marking a batch of statements (see :func:`allow_statement_batches`).
 _BATCH = "galley_statement_batch"
 _BATCH_OPTIONS = {_BATCH: True, "no_parameters": True}
+#: Characters of a failed batch quoted in its error.
+_QUOTED = 2_000
 #: Bytes of SQL per round trip, at most (pymysql's own limit for one multi-row insert): a
 #: large group's batch goes in several.
 MAX_BATCH_BYTES = 1_024_000
@@ -135,25 +138,34 @@ def held(conn: Connection) -> Iterator[None]:
 
     Nothing inside may read what they change, nor expect a write's error at its call: it comes
     at the end of the block. Where batches are not possible (SQLite, another driver, a
-    connection without the capability) or a batch is already being held, writes go out at
-    once, as without the block. When the block raises, the held writes are dropped: the
-    transaction is being abandoned.
+    connection without the capability), writes go out at once, as without the block; inside
+    another held block they join its batch (and go out at its end). When the block raises, the
+    held writes are dropped: the transaction is being abandoned.
     """
     if not _lean(conn) or _HELD in conn.info or not _batches_allowed(conn):
         yield
         return
     batch: list[str] = []
-    conn.info[_HELD] = batch
+    # Kept: once a lost connection is invalidated, ``conn.info`` itself raises.
+    info = conn.info
+    info[_HELD] = batch
     try:
         yield
     finally:
-        del conn.info[_HELD]
+        info.pop(_HELD, None)
     _send(conn, batch)
 
 
 def _send(conn: Connection, statements: Sequence[str]) -> None:
     for chunk in _by_size(statements):
-        conn.exec_driver_sql(";".join(chunk), execution_options=_BATCH_OPTIONS)
+        try:
+            conn.exec_driver_sql(";".join(chunk), execution_options=_BATCH_OPTIONS)
+        except DBAPIError as exc:
+            # The error would quote the whole batch, values inline (up to a megabyte of the
+            # devices' data in a log line): its head says which statement it was.
+            if exc.statement is not None and len(exc.statement) > _QUOTED:
+                exc.statement = f"{exc.statement[:_QUOTED]}… ({len(exc.statement):,} characters)"
+            raise
 
 
 def _by_size(statements: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -170,8 +182,10 @@ def _by_size(statements: Sequence[str]) -> Iterator[Sequence[str]]:
 def _interpolated(
     conn: Connection, sql: str, params: Mapping[str, Any] | Sequence[Mapping[str, Any]]
 ) -> list[str]:
-    """``sql`` with ``params`` in it, as pymysql would send it (a list of parameter sets
-    for an INSERT: one multi-row statement, as its ``executemany`` builds)."""
+    """``sql`` with ``params`` in it, as pymysql would send it: a list of parameter sets for
+    an INSERT becomes multi-row statements of at most pymysql's ``max_stmt_length`` each, as
+    its ``executemany`` builds them (one larger row goes alone), so that no statement grows
+    past the server's packet limit with the number of rows."""
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     if isinstance(params, Mapping):
         return [cursor.mogrify(sql, params)]
@@ -180,7 +194,19 @@ def _interpolated(
         return [cursor.mogrify(sql, p) for p in params]
     prefix, row = values.group(1) % (), values.group(2).rstrip()
     suffix = (values.group(3) or "") % ()
-    return [prefix + ",".join(cursor.mogrify(row, p) for p in params) + suffix]
+    limit = cursor.max_stmt_length - len(prefix) - len(suffix)
+    statements: list[str] = []
+    rows: list[str] = []
+    size = 0
+    for p in params:
+        one = cursor.mogrify(row, p)
+        if rows and size + len(one) + 1 > limit:
+            statements.append(prefix + ",".join(rows) + suffix)
+            rows, size = [], 0
+        rows.append(one)
+        size += len(one) + 1
+    statements.append(prefix + ",".join(rows) + suffix)
+    return statements
 
 
 def allow_statement_batches(engine: Engine) -> None:

@@ -109,9 +109,10 @@ def _remember_horizons(
     changed (see step 2).
 
     The cursors are informational (protocol.md § 12): while a device pages through a
-    catch-up (``more``), they are stored at most every :data:`CURSORS_EVERY` (``pulled_at``:
-    when they last were), and at its last page; a write transaction per page cost an initial
-    sync an eighth of its server time. The horizons are stored whenever they change: step 2
+    catch-up (``more``), they are stored only when they were not in the last
+    :data:`CURSORS_EVERY` (``pulled_at``: when they last were; so, at a first page), and
+    at its last page; a write transaction per page cost an initial sync an eighth of its
+    server time. The horizons are stored whenever they change: step 2
     depends on them."""
     values: dict[str, Any] = {}
     if role is not None:

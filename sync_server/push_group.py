@@ -141,14 +141,20 @@ def push_group(
         return transact(
             conn, partial(_apply_group_now, units=units, registry=registry, identify=identify)
         )
-    except (IntegrityError, DataError, ScopeNotLocked) as exc:
+    except (IntegrityError, DataError) as exc:
+        # The database's own message: the statement (a whole batch of the devices' data,
+        # see bulk.held) stays out of the log.
+        log.info("group of %d pushes refused (%s): applying them one by one", len(units), exc.orig)
+    except ScopeNotLocked as exc:
         log.info("group of %d pushes refused (%s): applying them one by one", len(units), exc)
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise  # the connection is gone: nothing was applied, nothing more can be
         # A lock wait that outlasted its retries, say: alone, only the push that waits on the
         # lock fails.
-        log.warning("group of %d pushes failed (%s): applying them one by one", len(units), exc)
+        log.warning(
+            "group of %d pushes failed (%s): applying them one by one", len(units), exc.orig
+        )
     except Exception:
         # A bug here must not cost the devices their writes: the proven path takes over.
         log.exception("group of %d pushes failed: applying them one by one", len(units))
