@@ -17,6 +17,7 @@ What is promised, on MariaDB for real:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 
 import pymysql.connections  # type: ignore[import-untyped]
@@ -59,20 +60,24 @@ _blobs = Table(
 )
 
 
+@contextmanager
+def _scratch_tables(engine: Engine) -> Iterator[None]:
+    _scratch.drop_all(engine)
+    _scratch.create_all(engine)
+    yield
+    _scratch.drop_all(engine)
+
+
 @pytest.fixture
 def priced(db: Engine) -> Iterator[Table]:
-    _scratch.drop_all(db)
-    _scratch.create_all(db)
-    yield _priced
-    _scratch.drop_all(db)
+    with _scratch_tables(db):
+        yield _priced
 
 
 @pytest.fixture
 def blobs(mysql_engine: Engine) -> Iterator[Table]:
-    _scratch.drop_all(mysql_engine)
-    _scratch.create_all(mysql_engine)
-    yield _blobs
-    _scratch.drop_all(mysql_engine)
+    with _scratch_tables(mysql_engine):
+        yield _blobs
 
 
 @pytest.fixture
