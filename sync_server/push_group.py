@@ -1,10 +1,11 @@
 """Group commit: the change-sets of several concurrent pushes applied in one transaction.
 
 Devices of a branch push at the same time, and every change-set of the branch queues on the
-branch's scope counter (``sync_server.changelog``): applied one transaction at a time, each pays
-the whole fixed cost of a transaction (locks, counter, log, outcome, commit: ~13 statements)
-for a handful of rows. :func:`push_group` takes the pushes that are waiting (``PushUnit``, one
-per request) and applies them in **one** transaction, in order, as if one after another:
+branch's scope counter (``sync_server.changelog``): applied one transaction at a time, each
+pays the whole fixed cost of a transaction (locks, counter, log, outcome, commit: ~13
+statements in 7 round trips) for a handful of rows. :func:`push_group` takes the pushes that
+are waiting (``PushUnit``, one per request) and applies them in **one** transaction, in order,
+as if one after another:
 
 * each change-set is still all-or-nothing together with its device's seq and its stored
   outcome (they commit or roll back with the group), is planned against the rows as the
