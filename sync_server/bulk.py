@@ -241,9 +241,7 @@ def _batches_allowed(conn: Connection) -> bool:
 def execute(conn: Connection, statement: Executable, params: Mapping[str, Any]) -> Result[Any]:
     """:func:`write`'s lean path for a statement that returns rows (a locking read built once,
     its ``IN`` lists spelled out with :func:`in_list`)."""
-    sql = (
-        _rendered(statement, tuple(params), conn.dialect) if conn.dialect.name == "mysql" else None
-    )
+    sql = _rendered(statement, tuple(params), conn.dialect) if _lean(conn) else None
     if sql is None:
         return conn.execute(statement, params)
     return conn.exec_driver_sql(sql, dict(params))

@@ -20,7 +20,14 @@ from tests.client.harness import (
     replica_image,
     server_image,
 )
-from tests.client.test_sync_client import INVENTORY, MENU, applied_count, flour, scopes_of
+from tests.client.test_sync_client import (
+    INVENTORY,
+    MENU,
+    applied_count,
+    flour,
+    scopes_of,
+    stocked,
+)
 from tests.factories import Factory
 
 
@@ -30,10 +37,7 @@ def test_a_client_killed_mid_sync_resumes_from_its_file(
     branch = factory.branch()
     boss = factory.user("manager", [branch])
     alice = factory.user("staff", [branch])
-    m = device(str(tmp_path / "m.db"), network(), factory, boss)
-    for i in range(12):
-        m.create(INVENTORY, flour(f"SKU-{i}"))
-    m.sync()
+    stocked(str(tmp_path / "m.db"), network(), factory, boss)
 
     path = str(tmp_path / "a.db")
     http = network()

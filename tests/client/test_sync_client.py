@@ -8,10 +8,11 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
+from sync_protocol.client import SyncClient
 from sync_server.resources import Resources
 from sync_server.tables import sync_change_sets
 from tests.client.harness import FlakyHttp, device, replica_image, server_image
-from tests.factories import Factory
+from tests.factories import Factory, User
 
 INVENTORY = "inventory_items"
 MENU = "menu_items"
@@ -19,6 +20,15 @@ MENU = "menu_items"
 
 def flour(sku: str = "FLOUR-1") -> dict[str, str]:
     return {"sku": sku, "name": "Flour", "category": "dry", "unit": "kg"}
+
+
+def stocked(path: str, http: FlakyHttp, factory: Factory, manager: User) -> SyncClient:
+    """A manager's device at ``path`` that has created a dozen items and synced them."""
+    client = device(path, http, factory, manager)
+    for i in range(12):
+        client.create(INVENTORY, flour(f"SKU-{i}"))
+    client.sync()
+    return client
 
 
 def scopes_of(branch_ids: tuple[str, ...]) -> list[str]:
@@ -189,10 +199,7 @@ def test_an_initial_sync_asks_for_the_largest_pages_and_later_pulls_for_the_usua
     branch = factory.branch()
     boss = factory.user("manager", [branch])
     alice = factory.user("staff", [branch])
-    m = device(str(tmp_path / "m.db"), network(), factory, boss)
-    for i in range(12):
-        m.create(INVENTORY, flour(f"SKU-{i}"))
-    m.sync()
+    m = stocked(str(tmp_path / "m.db"), network(), factory, boss)
     a = device(str(tmp_path / "a.db"), network(), factory, alice, page_limit=2)
     a.initial_page_limit = 100  # as the client's default (MAX_PULL_LIMIT) does, scaled down
 

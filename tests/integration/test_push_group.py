@@ -390,6 +390,12 @@ def _statuses(results: list[UnitResult]) -> list[str]:
     return [r.outcomes[0].status for r in results if isinstance(r, PushResult)]
 
 
+def _item(db: Engine, row: str) -> Any:
+    """The ``inventory_items`` record of seeded row ``row``."""
+    with db.connect() as conn:
+        return conn.execute(select(inventory_items).where(inventory_items.c.id == uid(row))).one()
+
+
 def _patch(pair: dict[str, Any], row: str, **fields: Any) -> dict[str, Any]:
     row_id = uid(row)
     base = pair["versions"][row_id]
@@ -415,10 +421,7 @@ def test_a_later_change_set_of_the_group_sees_a_rename_before_its_new_sku(
         ],
     )
     assert all(isinstance(r, PushResult) and r.outcomes[0].status == "applied" for r in results)
-    with db.connect() as conn:
-        row = conn.execute(
-            select(inventory_items).where(inventory_items.c.id == uid("seed-a-0"))
-        ).one()
+    row = _item(db, "seed-a-0")
     assert (row.name, row.sku) == ("Rye", "S-9")
 
 
@@ -434,10 +437,7 @@ def test_renamed_then_recategorised_in_one_group_keeps_both(
             _unit(pair, 1, 1, _patch(pair, "seed-a-1", category="grain")),
         ],
     )
-    with db.connect() as conn:
-        row = conn.execute(
-            select(inventory_items).where(inventory_items.c.id == uid("seed-a-1"))
-        ).one()
+    row = _item(db, "seed-a-1")
     assert (row.name, row.category) == ("Barley", "grain")
 
 
